@@ -1,0 +1,3 @@
+from .uncertainty_controlnet import UncertaintyControlNetModel
+
+__all__ = ["UncertaintyControlNetModel"]

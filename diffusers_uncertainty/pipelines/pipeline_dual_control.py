@@ -1,0 +1,486 @@
+"""`StableDiffusionDualControlPipeline`: Stable Diffusion with a semantic and an uncertainty control."""
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionControlNetPipeline, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+
+from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
+from ..models.uncertainty_controlnet import UncertaintyControlNetModel
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DualControlPipelineOutput(BaseOutput):
+    r"""
+    Output of [`StableDiffusionDualControlPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The generated images, as `output_type` asks.
+        semantic_maps (`np.ndarray` or `torch.Tensor`, *optional*):
+            The label maps the images were generated from, `(batch, height, width)` int64 at the output size and in
+            the order of `images` (unlabeled pixels carry the controlnet's `ignore_index`): each `(images[i],
+            semantic_maps[i])` is a labeled sample. A torch tensor for `output_type="pt"`, numpy otherwise;
+            `None` without a `semantic_map`.
+        nsfw_content_detected (`list[bool]`, *optional*):
+            Safety checker flags, `None` without a safety checker.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    semantic_maps: np.ndarray | torch.Tensor | None
+    nsfw_content_detected: list[bool] | None
+
+
+def _per_branch(value, name: str) -> list[float]:
+    """A number for both branches, or a `(semantic, uncertainty)` pair."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"`{name}` must be a number or a pair (semantic, uncertainty), but got {value!r}.")
+        return [float(v) for v in value]
+    return [float(value), float(value)]
+
+
+class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
+    r"""
+    Stable Diffusion with an [`UncertaintyControlNetModel`]: generate images that follow a label map (semantic
+    control) and look as unfamiliar to a segmenter as an uncertainty map says (uncertainty control). The label
+    maps come back with the images, aligned, so every output is a labeled sample.
+
+    It reuses the prompt encoding, latent preparation and safety checking of diffusers'
+    `StableDiffusionControlNetPipeline` and replaces its `__call__`; the denoising loop follows that `__call__`
+    step for step, so given the same inputs and seed both pipelines produce the same image.
+
+    Args:
+        vae (`AutoencoderKL`):
+            Variational auto-encoder between images and latents.
+        text_encoder (`CLIPTextModel`):
+            Frozen text encoder.
+        tokenizer (`CLIPTokenizer`):
+            Tokenizer of the text encoder.
+        unet (`UNet2DConditionModel`):
+            The denoising UNet.
+        controlnet (`UncertaintyControlNetModel`):
+            The dual control.
+        scheduler (`SchedulerMixin`):
+            A Stable Diffusion scheduler (e.g. `DDIMScheduler`, `PNDMScheduler`).
+        safety_checker (`StableDiffusionSafetyChecker`, *optional*):
+            Flags offensive outputs; `None` to disable.
+        feature_extractor (`CLIPImageProcessor`, *optional*):
+            Inputs for the safety checker.
+        requires_safety_checker (`bool`, defaults to `False`):
+            Warn when no safety checker is given. Off by default: the outputs are medical and street-scene
+            training data, not images for the public.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: UncertaintyControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        requires_safety_checker: bool = False,
+    ):
+        # Not super().__init__: the parent also registers an IP-adapter image encoder this pipeline does not use.
+        DiffusionPipeline.__init__(self)
+        if not isinstance(controlnet, UncertaintyControlNetModel):
+            raise ValueError(
+                f"`controlnet` must be an UncertaintyControlNetModel, but got {type(controlnet).__name__}. Build one "
+                "with UncertaintyControlNetModel.from_unet(...) or .from_controlnets(semantic, uncertainty)."
+            )
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(f"You have disabled the safety checker for {self.__class__.__name__}.")
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("`feature_extractor` is required when a `safety_checker` is given, but got None.")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    def _resolve_size(self, semantic_map, uncertainty_map, height, width) -> tuple[int, int]:
+        """Output size: explicit, else the semantic map's, else the uncertainty map's, else the UNet's default."""
+        if height is not None and width is not None:
+            return height, width
+        for argument, value in (("semantic_map", semantic_map), ("uncertainty_map", uncertainty_map)):
+            if value is None or isinstance(value, (int, float)):
+                continue
+            first = value[0] if isinstance(value, (list, tuple)) else value
+            if isinstance(first, PIL.Image.Image):
+                size = (first.height, first.width)
+            elif isinstance(first, (np.ndarray, torch.Tensor)):
+                size = tuple(first.shape[-2:])
+            else:
+                continue
+            return height or size[0], width or size[1]
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        return height or default, width or default
+
+    def check_dual_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        prompt_embeds,
+        negative_prompt,
+        negative_prompt_embeds,
+        control_guidance_start,
+        control_guidance_end,
+        callback_on_step_end_tensor_inputs,
+    ):
+        r"""
+        Validate the arguments of `__call__` that do not depend on the maps; raises `ValueError` naming the
+        argument, what was expected and what came.
+        """
+        if not isinstance(self.controlnet, UncertaintyControlNetModel):
+            raise ValueError(
+                f"`controlnet` must be an UncertaintyControlNetModel, but got {type(self.controlnet).__name__}."
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value % 8 != 0:
+                raise ValueError(f"`{name}` must be divisible by 8, but got {value}.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, "
+                f"but got {callback_on_step_end_tensor_inputs}."
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`; got neither.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` must be a str or a list of str, but got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    "`prompt_embeds` and `negative_prompt_embeds` must have the same shape, but got "
+                    f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}."
+                )
+        for start, end in zip(control_guidance_start, control_guidance_end):
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(
+                    "`control_guidance_start` and `control_guidance_end` must satisfy 0 <= start < end <= 1 for each "
+                    f"branch, but got start={control_guidance_start} and end={control_guidance_end}."
+                )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        semantic_map=None,
+        uncertainty_map=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        semantic_conditioning_scale: float = 1.0,
+        uncertainty_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float | tuple[float, float] = 0.0,
+        control_guidance_end: float | tuple[float, float] = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Generate images from label maps and uncertainty maps.
+
+        Batching: the prompts, label maps and uncertainty maps each have a batch size of 1 or `B`; size-1 inputs
+        are repeated to `B` (one prompt for many label maps is the usual case), and everything is then repeated
+        `num_images_per_prompt` times, giving `B * num_images_per_prompt` images.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s); or pass `prompt_embeds`.
+            semantic_map (*optional*):
+                Integer label maps: PIL images in mode `"L"`/`"P"`, numpy arrays or integer tensors of shape `(H, W)`
+                or `(B, H, W)`, or a list of them; or an already one-hot float tensor `(B, C, H, W)`. `C` is the
+                controlnet's `semantic_channels`; pixels equal to its `ignore_index` get an all-zero vector. Resized
+                to the output size with nearest-neighbour. `None` switches the semantic control off.
+            uncertainty_map (*optional*):
+                Uncertainty in [0, 1]: a number (a constant map), PIL images, float arrays or tensors of shape
+                `(H, W)`, `(B, H, W)` or `(B, 1, H, W)`, or a list of maps. Resized bilinearly. `None` switches the
+                uncertainty control off.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Output size, divisible by 8. Defaults to the size of the semantic map (else the uncertainty map, else
+                the UNet's default).
+            num_inference_steps (`int`, defaults to 50):
+                Denoising steps.
+            guidance_scale (`float`, defaults to 7.5):
+                Classifier-free guidance scale; guidance is off at <= 1.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                What not to generate.
+            num_images_per_prompt (`int`, defaults to 1):
+                Images per (prompt, maps) item.
+            eta (`float`, defaults to 0.0):
+                DDIM eta; ignored by other schedulers.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes generation deterministic.
+            latents (`torch.Tensor`, *optional*):
+                Pre-generated initial noise.
+            prompt_embeds (`torch.Tensor`, *optional*), negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-computed text embeddings.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`):
+                Return a [`DualControlPipelineOutput`] instead of a tuple `(images, semantic_maps, nsfw)`.
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors.
+            semantic_conditioning_scale (`float`, defaults to 1.0):
+                Weight of the semantic control's residuals.
+            uncertainty_conditioning_scale (`float`, defaults to 1.0):
+                Weight of the uncertainty control's residuals.
+            guess_mode (`bool`, defaults to `False`):
+                The controls see only the conditional half of the classifier-free-guidance batch (diffusers'
+                ControlNet guess mode).
+            control_guidance_start (`float` or a pair, defaults to 0.0), control_guidance_end (`float` or a pair,
+            defaults to 1.0):
+                Fraction of the denoising steps during which the controls act; a pair sets (semantic, uncertainty)
+                separately. A branch outside its window is not computed at all.
+            clip_skip (`int`, *optional*):
+                Text encoder layers to skip.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as `callback_on_step_end(self, step, timestep, callback_kwargs)` after every step.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                Tensors passed in `callback_kwargs`.
+
+        Returns:
+            [`DualControlPipelineOutput`] or `tuple`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        controlnet = self.controlnet._orig_mod if hasattr(self.controlnet, "_orig_mod") else self.controlnet
+        control_guidance_start = _per_branch(control_guidance_start, "control_guidance_start")
+        control_guidance_end = _per_branch(control_guidance_end, "control_guidance_end")
+        height, width = self._resolve_size(semantic_map, uncertainty_map, height, width)
+
+        # 1. Check everything before any work is done.
+        self.check_dual_inputs(
+            prompt,
+            height,
+            width,
+            prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            control_guidance_start,
+            control_guidance_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        config = controlnet.config
+        one_hot = labels = uncertainty = None
+        if semantic_map is not None:
+            one_hot, labels = prepare_semantic_map(
+                semantic_map, config.semantic_channels, height, width, ignore_index=config.ignore_index
+            )
+        if uncertainty_map is not None:
+            uncertainty = prepare_uncertainty_map(uncertainty_map, config.uncertainty_channels, height, width)
+
+        prompt_batch = (
+            1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        )
+        sizes = {"prompt": prompt_batch}
+        if one_hot is not None:
+            sizes["semantic_map"] = one_hot.shape[0]
+        if uncertainty is not None:
+            sizes["uncertainty_map"] = uncertainty.shape[0]
+        batch_size = max(sizes.values())
+        if any(size not in (1, batch_size) for size in sizes.values()):
+            raise ValueError(f"Batch sizes must be 1 or equal, but got {sizes}.")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != prompt_batch:
+            raise ValueError(
+                f"`negative_prompt_embeds` must have batch size {prompt_batch} like the prompts, but got "
+                f"{negative_prompt_embeds.shape[0]}."
+            )
+        if prompt_batch == 1 and batch_size > 1:
+            # One prompt for many maps.
+            if prompt is not None:
+                prompt = [prompt if isinstance(prompt, str) else prompt[0]] * batch_size
+            else:
+                prompt_embeds = prompt_embeds.repeat(batch_size, 1, 1)
+                if negative_prompt_embeds is not None:
+                    negative_prompt_embeds = negative_prompt_embeds.repeat(batch_size, 1, 1)
+            if isinstance(negative_prompt, list) and len(negative_prompt) == 1:
+                negative_prompt = negative_prompt * batch_size
+
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        guess_mode = guess_mode or controlnet.nets[0].config.global_pool_conditions
+        total = batch_size * num_images_per_prompt
+
+        # 2. Encode the prompt (StableDiffusionControlNetPipeline.encode_prompt).
+        text_encoder_lora_scale = (
+            self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs is not None else None
+        )
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=text_encoder_lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 3. Conditions: repeated as StableDiffusionControlNetPipeline.prepare_image repeats its control images.
+        def expand(condition):
+            if condition is None:
+                return None
+            repeat_by = total if condition.shape[0] == 1 else num_images_per_prompt
+            condition = condition.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=controlnet.dtype)
+            if self.do_classifier_free_guidance and not guess_mode:
+                condition = torch.cat([condition] * 2)
+            return condition
+
+        controlnet_cond = [expand(one_hot), expand(uncertainty)]
+        if labels is not None:
+            repeat_by = total if labels.shape[0] == 1 else num_images_per_prompt
+            labels = labels.repeat_interleave(repeat_by, dim=0)
+        base_scales = [
+            semantic_conditioning_scale if one_hot is not None else 0.0,
+            uncertainty_conditioning_scale if uncertainty is not None else 0.0,
+        ]
+
+        # 4. Timesteps and 5. latents.
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        self._num_timesteps = len(timesteps)
+        latents = self.prepare_latents(
+            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 6. Which branch acts at which step; a branch at scale 0 is skipped by the controlnet.
+        controlnet_keep = [
+            [
+                1.0 - float(i / len(timesteps) < start or (i + 1) / len(timesteps) > end)
+                for start, end in zip(control_guidance_start, control_guidance_end)
+            ]
+            for i in range(len(timesteps))
+        ]
+
+        # 7. Denoising loop (as StableDiffusionControlNetPipeline.__call__).
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                if guess_mode and self.do_classifier_free_guidance:
+                    control_model_input = self.scheduler.scale_model_input(latents, t)
+                    controlnet_prompt_embeds = prompt_embeds.chunk(2)[1]
+                else:
+                    control_model_input = latent_model_input
+                    controlnet_prompt_embeds = prompt_embeds
+
+                cond_scale = [scale * keep for scale, keep in zip(base_scales, controlnet_keep[i])]
+                down_block_res_samples, mid_block_res_sample = self.controlnet(
+                    control_model_input,
+                    t,
+                    encoder_hidden_states=controlnet_prompt_embeds,
+                    controlnet_cond=controlnet_cond,
+                    conditioning_scale=cond_scale,
+                    guess_mode=guess_mode,
+                    return_dict=False,
+                )
+                if guess_mode and self.do_classifier_free_guidance:
+                    down_block_res_samples = [torch.cat([torch.zeros_like(d), d]) for d in down_block_res_samples]
+                    mid_block_res_sample = torch.cat([torch.zeros_like(mid_block_res_sample), mid_block_res_sample])
+
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    down_block_additional_residuals=down_block_res_samples,
+                    mid_block_additional_residual=mid_block_res_sample,
+                    return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 8. Decode, check, post-process.
+        if output_type != "latent":
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image, has_nsfw_concept = latents, None
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        if labels is not None and output_type != "pt":
+            labels = labels.numpy()
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image, labels, has_nsfw_concept)
+        return DualControlPipelineOutput(images=image, semantic_maps=labels, nsfw_content_detected=has_nsfw_concept)

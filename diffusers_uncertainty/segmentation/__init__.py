@@ -1,0 +1,83 @@
+"""Segmentation side of diffusers-uncertainty: segmenters, uncertainty maps, noise-aware (FLEX-Seg) training
+losses and sampling, data loading and metrics.
+"""
+
+from .data import (
+    HFSegmentationDataset,
+    PhotometricAugmentation,
+    SegmentationFolder,
+    SegmentationTransform,
+    TransformedDataset,
+    eval_size,
+    load_segmentation_data,
+    mixture_weights,
+)
+from .losses import (
+    FlexSegLoss,
+    GranularPrototypeBank,
+    band_granularity,
+    boundary_band_loss,
+    boundary_bands,
+    cross_entropy_dice_loss,
+    label_edges,
+    uncertainty_boundary_emphasis_loss,
+    uncertainty_boundary_weights,
+)
+from .metrics import SegmentationMetrics, metrics_to_markdown
+from .models import (
+    SEGMENTATION_ARCHITECTURES,
+    SegmentationModel,
+    SegmentationOutput,
+    create_segmentation_model,
+    register_segmentation_architecture,
+)
+from .sampling import HardnessAwareSampler
+from .uncertainty import (
+    UNCERTAINTY_ESTIMATORS,
+    EnsembleEstimator,
+    EntropyEstimator,
+    MCDropoutEstimator,
+    UncertaintyEstimator,
+    UncertaintyOutput,
+    mc_dropout_mode,
+    mutual_information,
+    normalized_entropy,
+)
+
+
+__all__ = [
+    "EnsembleEstimator",
+    "EntropyEstimator",
+    "FlexSegLoss",
+    "GranularPrototypeBank",
+    "HFSegmentationDataset",
+    "HardnessAwareSampler",
+    "MCDropoutEstimator",
+    "PhotometricAugmentation",
+    "SEGMENTATION_ARCHITECTURES",
+    "SegmentationFolder",
+    "SegmentationMetrics",
+    "SegmentationModel",
+    "SegmentationOutput",
+    "SegmentationTransform",
+    "TransformedDataset",
+    "UNCERTAINTY_ESTIMATORS",
+    "UncertaintyEstimator",
+    "UncertaintyOutput",
+    "band_granularity",
+    "boundary_band_loss",
+    "boundary_bands",
+    "create_segmentation_model",
+    "cross_entropy_dice_loss",
+    "eval_size",
+    "label_edges",
+    "load_segmentation_data",
+    "mc_dropout_mode",
+    "metrics_to_markdown",
+    "mixture_weights",
+    "mutual_information",
+    "normalized_entropy",
+    "register_segmentation_architecture",
+    "uncertainty_boundary_emphasis_loss",
+    "uncertainty_boundary_weights",
+]

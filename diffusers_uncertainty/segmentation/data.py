@@ -1,0 +1,484 @@
+"""Labeled (and unlabeled) image data for segmentation: folders of `images/` + `labels/` and `datasets` datasets
+with `image` / `label` columns, validated before use, plus the train / eval transforms and photometric
+augmentation.
+"""
+
+import math
+import os
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_MODES = ("L", "P", "I", "I;16")
+
+
+def label_to_array(label, name: str) -> np.ndarray:
+    """Converts a label map (PIL image in mode L/P/I/I;16, numpy array or nested list) to a 2-D int64 array.
+
+    Args:
+        label (`PIL.Image.Image`, `np.ndarray` or `list`): Integer label map.
+        name (`str`): Where the label comes from, for error messages.
+
+    Returns:
+        `np.ndarray` of shape `(height, width)`, dtype int64.
+    """
+    if isinstance(label, Image.Image):
+        if label.mode not in LABEL_MODES:
+            raise ValueError(
+                f"Label {name}: expected a single-channel integer PNG (mode one of {LABEL_MODES}), got mode "
+                f"{label.mode!r}. Colour-coded labels must be converted to class indices first."
+            )
+        array = np.asarray(label)
+    else:
+        array = np.asarray(label)
+    if array.ndim != 2:
+        raise ValueError(f"Label {name}: expected a 2-D map (height, width), got shape {array.shape}.")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"Label {name}: expected integer class indices, got dtype {array.dtype}.")
+    return array.astype(np.int64)
+
+
+def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, name: str) -> None:
+    """Raises a `ValueError` if a label holds values outside `0..num_classes-1` and `ignore_index`.
+
+    Args:
+        label (`np.ndarray`): Integer label map.
+        num_classes (`int`): Number of classes.
+        ignore_index (`int`): Allowed extra value for unlabeled pixels.
+        name (`str`): Where the label comes from, for error messages.
+    """
+    values = np.unique(label)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    if bad.size:
+        raise ValueError(
+            f"Label {name}: values must be in 0..{num_classes - 1} (`--num_classes` {num_classes}) or "
+            f"`--ignore_index` {ignore_index}, got {bad.tolist()[:10]}."
+        )
+
+
+class SegmentationFolder(Dataset):
+    """A folder of images with optional integer label maps: `root/images/*` and `root/labels/<same stem>.png`.
+
+    Without an `images/` subfolder, the images are the files directly in `root` (unlabeled use only). Everything
+    is checked on construction: non-empty folder, one label per image (same file stem), equal image and label size,
+    label values in range.
+
+    Args:
+        root (`str`): Folder.
+        num_classes (`int`, *optional*): Number of classes; required to check labels.
+        ignore_index (`int`, defaults to 255): Label value of unlabeled pixels.
+        require_labels (`bool`, defaults to `True`): Labels must exist for every image.
+        argument (`str`, defaults to `"data_dir"`): Name of the argument that gave `root`, used in error messages.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: Optional[int] = None,
+        ignore_index: int = 255,
+        require_labels: bool = True,
+        argument: str = "data_dir",
+    ):
+        if not os.path.isdir(root):
+            raise ValueError(f"`{argument}`: expected a folder, got {root!r} (does not exist or is not a folder).")
+        image_dir = os.path.join(root, "images")
+        label_dir = os.path.join(root, "labels")
+        if not os.path.isdir(image_dir):
+            if require_labels:
+                raise ValueError(
+                    f"`{argument}` {root!r}: expected subfolders `images/` and `labels/`, found no `images/`."
+                )
+            image_dir, label_dir = root, None
+        elif not os.path.isdir(label_dir):
+            if require_labels:
+                raise ValueError(f"`{argument}` {root!r}: expected a `labels/` folder beside `images/`, found none.")
+            label_dir = None
+        images = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not images:
+            raise ValueError(
+                f"`{argument}` {root!r}: no images found in {image_dir!r} (expected files ending in "
+                f"{', '.join(IMAGE_EXTENSIONS)})."
+            )
+        stems = [os.path.splitext(f)[0] for f in images]
+        if len(set(stems)) != len(stems):
+            raise ValueError(f"`{argument}` {root!r}: several images share a file stem in {image_dir!r}.")
+        self.root = root
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.image_paths = [os.path.join(image_dir, f) for f in images]
+        self.names = stems
+        self.label_paths: Optional[List[str]] = None
+        if label_dir is not None:
+            missing = [s for s in stems if not os.path.isfile(os.path.join(label_dir, s + ".png"))]
+            if missing and require_labels:
+                raise ValueError(
+                    f"`{argument}` {root!r}: every image needs `labels/<stem>.png`; missing for {len(missing)} "
+                    f"image(s), e.g. {missing[:3]}."
+                )
+            if not missing:
+                self.label_paths = [os.path.join(label_dir, s + ".png") for s in stems]
+        if self.label_paths is not None:
+            if num_classes is None:
+                raise ValueError("`num_classes` is required to check a labeled folder.")
+            self._validate()
+
+    def _validate(self) -> None:
+        for image_path, label_path in zip(self.image_paths, self.label_paths):
+            with Image.open(image_path) as image:
+                image_size = image.size
+            with Image.open(label_path) as label_image:
+                label = label_to_array(label_image, label_path)
+            if label.shape != (image_size[1], image_size[0]):
+                raise ValueError(
+                    f"Label {label_path}: expected the size of its image {image_path} "
+                    f"({image_size[0]}x{image_size[1]} WxH), got {label.shape[1]}x{label.shape[0]}."
+                )
+            check_label_values(label, self.num_classes, self.ignore_index, label_path)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every image has a label map."""
+        return self.label_paths is not None
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> Dict:
+        with Image.open(self.image_paths[index]) as image:
+            sample = {"image": image.convert("RGB"), "name": self.names[index]}
+        if self.label_paths is not None:
+            with Image.open(self.label_paths[index]) as label:
+                sample["label"] = label_to_array(label, self.label_paths[index])
+        return sample
+
+
+class HFSegmentationDataset(Dataset):
+    """A `datasets.Dataset` with an image column and (optionally) an integer label column, checked on construction.
+
+    Labels may be PIL images (a `datasets.Image` feature) or nested lists / arrays.
+
+    Args:
+        dataset (`datasets.Dataset`): The dataset (one split).
+        num_classes (`int`, *optional*): Number of classes; required when labels are used.
+        ignore_index (`int`, defaults to 255): Label value of unlabeled pixels.
+        image_column (`str`, defaults to `"image"`): Image column.
+        label_column (`str`, *optional*, defaults to `"label"`): Label column; `None` for unlabeled data.
+        argument (`str`, defaults to `"dataset"`): Argument name used in error messages.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        num_classes: Optional[int] = None,
+        ignore_index: int = 255,
+        image_column: str = "image",
+        label_column: Optional[str] = "label",
+        argument: str = "dataset",
+    ):
+        if len(dataset) == 0:
+            raise ValueError(f"`{argument}`: the dataset is empty.")
+        columns = dataset.column_names
+        if image_column not in columns:
+            raise ValueError(f"`{argument}`: expected an image column {image_column!r}, got columns {columns}.")
+        if label_column is not None and label_column not in columns:
+            raise ValueError(f"`{argument}`: expected a label column {label_column!r}, got columns {columns}.")
+        self.dataset = dataset
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.image_column = image_column
+        self.label_column = label_column
+        self.argument = argument
+        if label_column is not None:
+            if num_classes is None:
+                raise ValueError("`num_classes` is required to check a labeled dataset.")
+            for index in range(len(dataset)):
+                self._load(index, check=True)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the dataset has labels."""
+        return self.label_column is not None
+
+    def _load(self, index: int, check: bool = False) -> Dict:
+        row = self.dataset[index]
+        image = row[self.image_column]
+        image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        sample = {"image": image.convert("RGB"), "name": f"{index:06d}"}
+        if self.label_column is not None:
+            name = f"{self.argument}[{index}][{self.label_column!r}]"
+            label = label_to_array(row[self.label_column], name)
+            if check:
+                if label.shape != (image.size[1], image.size[0]):
+                    raise ValueError(
+                        f"Label {name}: expected the size of its image ({image.size[0]}x{image.size[1]} WxH), "
+                        f"got {label.shape[1]}x{label.shape[0]}."
+                    )
+                check_label_values(label, self.num_classes, self.ignore_index, name)
+            sample["label"] = label
+        return sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict:
+        return self._load(index)
+
+
+def load_segmentation_data(
+    source: str,
+    num_classes: Optional[int],
+    ignore_index: int,
+    require_labels: bool = True,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    argument: str = "data_dir",
+):
+    """Opens a labeled (or unlabeled) source: an `images/` (+ `labels/`) folder, a folder of images, a dataset saved
+    with `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a Hub dataset id.
+
+    Args:
+        source (`str`): Path or Hub dataset id.
+        num_classes (`int`, *optional*): Number of classes (for label checks).
+        ignore_index (`int`): Label value of unlabeled pixels.
+        require_labels (`bool`, defaults to `True`): Whether labels are needed.
+        split (`str`, defaults to `"train"`): Split to use for a `DatasetDict` or Hub dataset.
+        image_column (`str`, defaults to `"image"`): Image column of a `datasets` dataset.
+        label_column (`str`, defaults to `"label"`): Label column of a `datasets` dataset.
+        argument (`str`, defaults to `"data_dir"`): Argument name used in error messages.
+
+    Returns:
+        [`SegmentationFolder`] or [`HFSegmentationDataset`]
+    """
+    is_saved_dataset = os.path.isdir(source) and (
+        os.path.isfile(os.path.join(source, "dataset_info.json"))
+        or os.path.isfile(os.path.join(source, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(source, "state.json"))
+    )
+    if os.path.isdir(source) and not is_saved_dataset:
+        return SegmentationFolder(source, num_classes, ignore_index, require_labels=require_labels, argument=argument)
+    import datasets
+
+    if is_saved_dataset:
+        dataset = datasets.load_from_disk(source)
+    elif os.path.exists(source):
+        raise ValueError(f"`{argument}`: expected a folder or a saved dataset, got the file {source!r}.")
+    else:
+        dataset = datasets.load_dataset(source, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"`{argument}` {source!r}: expected a split {split!r}, got {list(dataset)}.")
+        dataset = dataset[split]
+    has_label = label_column in dataset.column_names
+    if require_labels and not has_label:
+        raise ValueError(
+            f"`{argument}` {source!r}: expected a label column {label_column!r}, got columns {dataset.column_names}."
+        )
+    return HFSegmentationDataset(
+        dataset,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        image_column=image_column,
+        label_column=label_column if has_label else None,
+        argument=argument,
+    )
+
+
+def mixture_weights(lengths: Sequence[int], weights: Sequence[float]) -> List[float]:
+    """Per-sample base weights for a concatenation of datasets so that dataset `k` is drawn with probability
+    proportional to `weights[k]` whatever its size (`weights[k] / lengths[k]` for each of its samples).
+
+    Args:
+        lengths (`Sequence[int]`): Dataset sizes.
+        weights (`Sequence[float]`): Non-negative dataset weights with a positive sum.
+
+    Returns:
+        `List[float]`: one weight per sample of the concatenation.
+    """
+    if len(lengths) != len(weights):
+        raise ValueError(f"Got {len(lengths)} datasets but {len(weights)} weights.")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"Dataset weights must be non-negative with a positive sum, got {list(weights)}.")
+    out = []
+    for length, weight in zip(lengths, weights):
+        out.extend([weight / length] * length)
+    return out
+
+
+class PhotometricAugmentation:
+    """Random photometric changes of an image tensor in `[0, 1]` (geometry untouched, so labels stay valid):
+    brightness, contrast, gamma, Gaussian blur and Gaussian noise, through `torchvision.transforms.v2.functional`.
+
+    Args:
+        brightness (`Tuple[float, float]`, defaults to `(0.4, 1.3)`): Range of the brightness factor.
+        contrast (`Tuple[float, float]`, defaults to `(0.6, 1.4)`): Range of the contrast factor.
+        gamma (`Tuple[float, float]`, defaults to `(0.7, 1.6)`): Range of the gamma exponent.
+        blur_sigma (`Tuple[float, float]`, defaults to `(0.1, 1.5)`): Range of the blur standard deviation.
+        noise_std (`Tuple[float, float]`, defaults to `(0.0, 0.05)`): Range of the noise standard deviation.
+        p (`float`, defaults to 0.8): Probability of each of brightness, contrast and gamma.
+        blur_p (`float`, defaults to 0.3): Probability of blurring.
+        noise_p (`float`, defaults to 0.3): Probability of adding noise.
+    """
+
+    def __init__(
+        self,
+        brightness: Tuple[float, float] = (0.4, 1.3),
+        contrast: Tuple[float, float] = (0.6, 1.4),
+        gamma: Tuple[float, float] = (0.7, 1.6),
+        blur_sigma: Tuple[float, float] = (0.1, 1.5),
+        noise_std: Tuple[float, float] = (0.0, 0.05),
+        p: float = 0.8,
+        blur_p: float = 0.3,
+        noise_p: float = 0.3,
+    ):
+        self.brightness, self.contrast, self.gamma = brightness, contrast, gamma
+        self.blur_sigma, self.noise_std = blur_sigma, noise_std
+        self.p, self.blur_p, self.noise_p = p, blur_p, noise_p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """Augments one image.
+
+        Args:
+            image (`torch.Tensor` of shape `(3, height, width)`): Float image in `[0, 1]`.
+
+        Returns:
+            `torch.Tensor`: augmented image in `[0, 1]`.
+        """
+        if random.random() < self.p:
+            image = TF.adjust_brightness(image, random.uniform(*self.brightness))
+        if random.random() < self.p:
+            image = TF.adjust_contrast(image, random.uniform(*self.contrast))
+        if random.random() < self.p:
+            image = TF.adjust_gamma(image, random.uniform(*self.gamma))
+        if random.random() < self.blur_p:
+            sigma = random.uniform(*self.blur_sigma)
+            kernel = 2 * math.ceil(3 * sigma) + 1
+            image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+        if random.random() < self.noise_p:
+            image = TF.gaussian_noise(image, sigma=random.uniform(*self.noise_std), clip=True)
+        return image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image to a float tensor `(3, H, W)` in `[0, 1]`.
+
+    Args:
+        image (`PIL.Image.Image`): RGB image.
+    """
+    return TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+
+
+def eval_size(height: int, width: int, resolution: int, multiple: int) -> Tuple[int, int]:
+    """Network input size for evaluation: shorter side scaled to `resolution`, aspect ratio kept, both sides
+    rounded to the nearest multiple of `multiple` (at least `multiple`).
+
+    Args:
+        height (`int`): Original height.
+        width (`int`): Original width.
+        resolution (`int`): Target length of the shorter side.
+        multiple (`int`): Divisor required by the network (its output stride).
+
+    Returns:
+        `Tuple[int, int]`: (height, width).
+    """
+    scale = resolution / min(height, width)
+    return (
+        max(multiple, int(round(height * scale / multiple)) * multiple),
+        max(multiple, int(round(width * scale / multiple)) * multiple),
+    )
+
+
+class SegmentationTransform:
+    """Turns a sample `{"image", "label"?, "name"}` into network tensors.
+
+    Training: shorter side resized to `resolution` (bilinear image, nearest label), random `resolution` x
+    `resolution` crop, random horizontal flip, optional photometric augmentation. Evaluation: the image resized
+    with [`eval_size`]; the label kept at its original size (metrics are computed there).
+
+    Args:
+        resolution (`int`): Training crop size / evaluation shorter side.
+        train (`bool`): Training or evaluation behaviour.
+        multiple (`int`, defaults to 32): Divisor of the evaluation input size.
+        photometric (`PhotometricAugmentation`, *optional*): Applied to training images.
+    """
+
+    def __init__(self, resolution: int, train: bool, multiple: int = 32, photometric=None):
+        if train and resolution % multiple:
+            raise ValueError(f"`--resolution` must be divisible by {multiple} (network stride), got {resolution}.")
+        self.resolution = resolution
+        self.train = train
+        self.multiple = multiple
+        self.photometric = photometric
+
+    def __call__(self, sample: Dict) -> Dict:
+        image = image_to_tensor(sample["image"])
+        label = torch.from_numpy(sample["label"])[None] if "label" in sample else None
+        out = {"name": sample["name"]}
+        if self.train:
+            image = TF.resize(image, self.resolution, antialias=True)
+            if label is not None:
+                label = TF.resize(label, self.resolution, interpolation=TF.InterpolationMode.NEAREST)
+            height, width = image.shape[-2:]
+            top = random.randint(0, height - self.resolution)
+            left = random.randint(0, width - self.resolution)
+            image = image[:, top : top + self.resolution, left : left + self.resolution]
+            if label is not None:
+                label = label[:, top : top + self.resolution, left : left + self.resolution]
+            if random.random() < 0.5:
+                image = image.flip(-1)
+                label = label.flip(-1) if label is not None else None
+            if self.photometric is not None:
+                image = self.photometric(image)
+        else:
+            out["original_size"] = tuple(image.shape[-2:])
+            image = TF.resize(image, list(eval_size(*image.shape[-2:], self.resolution, self.multiple)), antialias=True)
+        out["pixel_values"] = image.contiguous()
+        if label is not None:
+            out["labels"] = label[0].long().contiguous()
+        return out
+
+
+class TransformedDataset(Dataset):
+    """Applies a transform to a dataset's samples and records the sample index (for hardness-aware sampling).
+
+    Args:
+        dataset (`torch.utils.data.Dataset`): Source of `{"image", "label"?, "name"}` samples.
+        transform (`Callable`): E.g. [`SegmentationTransform`].
+    """
+
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict:
+        out = self.transform(self.dataset[index])
+        out["index"] = index
+        return out
+
+
+def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """Concatenates datasets (`torch.utils.data.ConcatDataset`), or returns the only one.
+
+    Args:
+        datasets (`Sequence[Dataset]`): Non-empty list.
+    """
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(list(datasets))
+
+
+def list_collate(samples: List[Dict]) -> Dict[str, list]:
+    """Collates samples of possibly different sizes into lists (for evaluation and uncertainty maps).
+
+    Args:
+        samples (`List[Dict]`): Transformed samples.
+    """
+    return {key: [s[key] for s in samples] for key in samples[0]}

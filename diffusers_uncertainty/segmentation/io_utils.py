@@ -1,0 +1,137 @@
+"""Atomic file writing and batched inference helpers shared by the segmentation scripts."""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes a text file under a temporary name, then renames it into place.
+
+    Args:
+        path (`str`): Destination.
+        text (`str`): Content.
+    """
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Writes JSON atomically (see [`write_text_atomic`]).
+
+    Args:
+        path (`str`): Destination.
+        data: JSON-serialisable object.
+    """
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_image_atomic(path: str, image: Image.Image) -> None:
+    """Saves a PIL image atomically (format from the file extension).
+
+    Args:
+        path (`str`): Destination.
+        image (`PIL.Image.Image`): Image.
+    """
+    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    _atomic(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def uncertainty_to_png16(uncertainty: np.ndarray) -> Image.Image:
+    """Maps an uncertainty map in `[0, 1]` to a 16-bit grayscale PNG image (0 -> 0, 1 -> 65535).
+
+    Args:
+        uncertainty (`np.ndarray` of shape `(H, W)`): Values in `[0, 1]`.
+    """
+    if uncertainty.min() < 0 or uncertainty.max() > 1:
+        raise ValueError(
+            f"Uncertainty maps must lie in [0, 1], got [{uncertainty.min():.4f}, {uncertainty.max():.4f}]."
+        )
+    return Image.fromarray(np.round(uncertainty * 65535).astype(np.uint16))
+
+
+def png16_to_uncertainty(image: Image.Image) -> np.ndarray:
+    """Inverse of [`uncertainty_to_png16`].
+
+    Args:
+        image (`PIL.Image.Image`): 16-bit grayscale image.
+    """
+    return np.asarray(image).astype(np.float64) / 65535.0
+
+
+def save_pretrained_atomic(model, output_dir: str, **kwargs) -> None:
+    """`model.save_pretrained` into a temporary sibling folder, then swapped into `output_dir`.
+
+    Args:
+        model: Object with `save_pretrained` (e.g. [`SegmentationModel`]).
+        output_dir (`str`): Destination folder (replaced if it exists).
+        **kwargs: Passed to `save_pretrained`.
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if os.path.isdir(output_dir):
+            old = tmp + "-old"
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def group_by_shape(tensors: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:
+    """Groups same-shaped tensors so each group runs as one batch.
+
+    Args:
+        tensors (`Sequence[torch.Tensor]`): Tensors of possibly different shapes.
+
+    Returns:
+        `List[Tuple[List[int], torch.Tensor]]`: (indices in the input, stacked tensors) per shape.
+    """
+    groups = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return [(idx, torch.stack([tensors[i] for i in idx])) for idx in groups.values()]
+
+
+def resize_probs(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resizes class probabilities (or maps with a channel dim) to `size`.
+
+    Args:
+        probs (`torch.Tensor` of shape `(batch, C, h, w)`): Probabilities.
+        size (`Tuple[int, int]`): (height, width).
+    """
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,222 @@
+"""Per-pixel uncertainty of a segmenter: normalised predictive entropy, MC-dropout mutual information and
+deep-ensemble disagreement. Every estimator returns maps in `[0, 1]` (1 = maximally uncertain) and a per-image
+score (the mean of the map over the image).
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.utils import BaseOutput
+
+
+def normalized_entropy(probs: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    r"""Normalised Shannon entropy $H(p) / \log C = -\sum_c p_c \log p_c / \log C$, in `[0, 1]`.
+
+    Args:
+        probs (`torch.Tensor`): Probabilities summing to one along `dim` (C >= 2 entries).
+        dim (`int`, defaults to 1): Class dimension.
+        eps (`float`, defaults to 1e-12): Guards `log(0)`; `0 log 0` counts as 0.
+
+    Returns:
+        `torch.Tensor`: `probs` with `dim` reduced.
+    """
+    num_classes = probs.shape[dim]
+    if num_classes < 2:
+        raise ValueError(f"`probs` needs at least 2 classes along dim {dim}, got {num_classes}.")
+    entropy = -(probs * torch.log(probs.clamp_min(eps))).sum(dim=dim)
+    return (entropy / math.log(num_classes)).clamp(0.0, 1.0)
+
+
+def mutual_information(member_probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    r"""Normalised mutual information (BALD) between the prediction and the model, over `N` stochastic passes or
+    ensemble members: $I = [H(\bar p) - \frac{1}{N}\sum_n H(p_n)] / \log C$ with $\bar p = \frac1N \sum_n p_n$.
+
+    Since $0 \le I \le H(\bar p) \le \log C$ the result lies in `[0, 1]`; it is 0 when all members agree.
+
+    Args:
+        member_probs (`torch.Tensor` of shape `(N, batch, C, height, width)`): Class probabilities of each member.
+        eps (`float`, defaults to 1e-12): Guards `log(0)`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, height, width)`.
+    """
+    if member_probs.ndim != 5:
+        raise ValueError(f"`member_probs` must have shape (N, batch, C, H, W), got {tuple(member_probs.shape)}.")
+    mean_entropy = normalized_entropy(member_probs, dim=2, eps=eps).mean(dim=0)
+    entropy_of_mean = normalized_entropy(member_probs.mean(dim=0), dim=1, eps=eps)
+    return (entropy_of_mean - mean_entropy).clamp(0.0, 1.0)
+
+
+@contextlib.contextmanager
+def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: the model in eval mode except its dropout modules, which sample (train mode).
+
+    BatchNorm and every other module stay in eval mode; the previous train/eval state of every module is restored
+    on exit.
+
+    Args:
+        model (`torch.nn.Module`): Model with at least one active dropout module (`p > 0`).
+    """
+    dropout_types = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    dropouts = [m for m in model.modules() if isinstance(m, dropout_types) and m.p > 0]
+    if not dropouts:
+        raise ValueError(
+            "MC-dropout needs a model with dropout (p > 0); this model has none. Train it with `dropout > 0`."
+        )
+    previous = {module: module.training for module in model.modules()}
+    model.eval()
+    for module in dropouts:
+        module.train(True)
+    try:
+        yield model
+    finally:
+        for module, mode in previous.items():
+            module.training = mode
+
+
+@dataclass
+class UncertaintyOutput(BaseOutput):
+    """Output of the uncertainty estimators.
+
+    Args:
+        maps (`torch.Tensor` of shape `(batch, height, width)`): Per-pixel uncertainty in `[0, 1]`.
+        scores (`torch.Tensor` of shape `(batch,)`): Per-image uncertainty (mean of the map).
+        probs (`torch.Tensor` of shape `(batch, C, height, width)`): Mean predicted class probabilities.
+    """
+
+    maps: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+
+
+def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    output = model(pixel_values)
+    return output.logits if hasattr(output, "logits") else output
+
+
+class UncertaintyEstimator:
+    """Base class: call the estimator on a batch of images to get an [`UncertaintyOutput`].
+
+    Args:
+        name (`str`): Short name written in outputs.
+    """
+
+    name = "base"
+
+    def _members_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def map_from_probs(self, member_probs: torch.Tensor) -> torch.Tensor:
+        """Uncertainty map from member probabilities of shape `(N, batch, C, H, W)`.
+
+        Args:
+            member_probs (`torch.Tensor`): Probabilities of each pass / member.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> UncertaintyOutput:
+        """Estimates uncertainty for a batch.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, channels, height, width)`): Images in `[0, 1]`.
+
+        Returns:
+            [`UncertaintyOutput`]
+        """
+        member_probs = self._members_probs(pixel_values).float()
+        maps = self.map_from_probs(member_probs)
+        return UncertaintyOutput(maps=maps, scores=maps.flatten(1).mean(dim=1), probs=member_probs.mean(dim=0))
+
+
+class EntropyEstimator(UncertaintyEstimator):
+    r"""Normalised predictive entropy $H(p)/\log C$ of one deterministic pass (model in eval mode). Default.
+
+    Args:
+        model (`torch.nn.Module`): Segmenter returning logits (or an output with `.logits`).
+    """
+
+    name = "entropy"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def _members_probs(self, pixel_values):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return _logits(self.model, pixel_values).softmax(dim=1)[None]
+        finally:
+            self.model.train(was_training)
+
+    def map_from_probs(self, member_probs):
+        return normalized_entropy(member_probs[0], dim=1)
+
+
+class MCDropoutEstimator(UncertaintyEstimator):
+    """Epistemic uncertainty: mutual information over `num_passes` forward passes with only dropout active.
+
+    Args:
+        model (`torch.nn.Module`): Segmenter with dropout (`p > 0`).
+        num_passes (`int`, defaults to 8): Number of stochastic passes (at least 2).
+    """
+
+    name = "mc_dropout"
+
+    def __init__(self, model: nn.Module, num_passes: int = 8):
+        if num_passes < 2:
+            raise ValueError(f"`num_passes` must be at least 2, got {num_passes}.")
+        self.model = model
+        self.num_passes = num_passes
+
+    def _members_probs(self, pixel_values):
+        with mc_dropout_mode(self.model):
+            return torch.stack([_logits(self.model, pixel_values).softmax(dim=1) for _ in range(self.num_passes)])
+
+    def map_from_probs(self, member_probs):
+        return mutual_information(member_probs)
+
+
+class EnsembleEstimator(UncertaintyEstimator):
+    """Deep-ensemble disagreement: mutual information between the members' predictions (each in eval mode).
+
+    Args:
+        models (`Sequence[torch.nn.Module]`): At least two segmenters with the same classes (e.g. several seeds or
+            checkpoints).
+    """
+
+    name = "ensemble"
+
+    def __init__(self, models: Sequence[nn.Module]):
+        models = list(models)
+        if len(models) < 2:
+            raise ValueError(f"`models` must hold at least 2 members for an ensemble, got {len(models)}.")
+        self.models: List[nn.Module] = models
+
+    def _members_probs(self, pixel_values):
+        probs = []
+        for model in self.models:
+            was_training = model.training
+            model.eval()
+            try:
+                probs.append(_logits(model, pixel_values).softmax(dim=1))
+            finally:
+                model.train(was_training)
+        shapes = {tuple(p.shape) for p in probs}
+        if len(shapes) != 1:
+            raise ValueError(f"Ensemble members disagree on output shape: {sorted(shapes)}.")
+        return torch.stack(probs)
+
+    def map_from_probs(self, member_probs):
+        return mutual_information(member_probs)
+
+
+UNCERTAINTY_ESTIMATORS = {
+    "entropy": EntropyEstimator,
+    "mc_dropout": MCDropoutEstimator,
+    "ensemble": EnsembleEstimator,
+}

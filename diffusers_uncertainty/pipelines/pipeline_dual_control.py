@@ -128,23 +128,30 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
 
+    @staticmethod
+    def _map_size(value):
+        """(height, width) of a map argument, or None for a number, None or an unknown type."""
+        first = value[0] if isinstance(value, (list, tuple)) and len(value) > 0 else value
+        if isinstance(first, PIL.Image.Image):
+            return first.height, first.width
+        if isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim >= 2:
+            return tuple(first.shape[-2:])
+        return None
+
+    def _size_source(self, semantic_map, uncertainty_map):
+        """Which argument the default output size comes from."""
+        if self._map_size(semantic_map) is not None:
+            return "semantic_map"
+        if self._map_size(uncertainty_map) is not None:
+            return "uncertainty_map"
+        return None
+
     def _resolve_size(self, semantic_map, uncertainty_map, height, width) -> tuple[int, int]:
         """Output size: explicit, else the semantic map's, else the uncertainty map's, else the UNet's default."""
-        if height is not None and width is not None:
-            return height, width
-        for argument, value in (("semantic_map", semantic_map), ("uncertainty_map", uncertainty_map)):
-            if value is None or isinstance(value, (int, float)):
-                continue
-            first = value[0] if isinstance(value, (list, tuple)) else value
-            if isinstance(first, PIL.Image.Image):
-                size = (first.height, first.width)
-            elif isinstance(first, (np.ndarray, torch.Tensor)):
-                size = tuple(first.shape[-2:])
-            else:
-                continue
-            return height or size[0], width or size[1]
-        default = self.unet.config.sample_size * self.vae_scale_factor
-        return height or default, width or default
+        size = self._map_size(semantic_map) or self._map_size(uncertainty_map)
+        if size is None:
+            size = (self.unet.config.sample_size * self.vae_scale_factor,) * 2
+        return height or int(size[0]), width or int(size[1])
 
     def check_dual_inputs(
         self,
@@ -157,6 +164,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         control_guidance_start,
         control_guidance_end,
         callback_on_step_end_tensor_inputs,
+        size_source=None,
     ):
         r"""
         Validate the arguments of `__call__` that do not depend on the maps; raises `ValueError` naming the
@@ -168,7 +176,10 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             )
         for name, value in (("height", height), ("width", width)):
             if value % 8 != 0:
-                raise ValueError(f"`{name}` must be divisible by 8, but got {value}.")
+                raise ValueError(
+                    f"`{name}` must be divisible by 8, but got {value}"
+                    + (f" (taken from {size_source}'s size; pass `height` and `width`)." if size_source else ".")
+                )
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -297,6 +308,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         controlnet = self.controlnet._orig_mod if hasattr(self.controlnet, "_orig_mod") else self.controlnet
         control_guidance_start = _per_branch(control_guidance_start, "control_guidance_start")
         control_guidance_end = _per_branch(control_guidance_end, "control_guidance_end")
+        size_source = None if height is not None and width is not None else self._size_source(semantic_map, uncertainty_map)
         height, width = self._resolve_size(semantic_map, uncertainty_map, height, width)
 
         # 1. Check everything before any work is done.
@@ -310,6 +322,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             control_guidance_start,
             control_guidance_end,
             callback_on_step_end_tensor_inputs,
+            size_source=size_source,
         )
         config = controlnet.config
         one_hot = labels = uncertainty = None
@@ -460,7 +473,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    step_locals = locals()  # not inside the comprehension: that has its own locals()
+                    callback_kwargs = {k: step_locals[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

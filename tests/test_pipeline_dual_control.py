@@ -1,0 +1,140 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import ControlNetModel
+
+from diffusers_uncertainty import StableDiffusionDualControlPipeline
+
+
+def _labels(batch_size=1, size=16, seed=0, num_classes=4):
+    return torch.randint(0, num_classes, (batch_size, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(pipeline, **kwargs):
+    arguments = dict(prompt="a scan", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+    arguments.update(kwargs)
+    return pipeline(**arguments)
+
+
+def test_output_is_images_with_aligned_label_maps(tiny_pipeline):
+    labels = _labels(batch_size=2, size=8)
+    labels[1, 0, 0] = 255  # ignore_index
+    output = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, height=16, width=16)
+    assert output.images.shape == (2, 16, 16, 3)
+    assert output.semantic_maps.shape == (2, 16, 16) and output.semantic_maps.dtype == np.int64
+    expected = labels.repeat_interleave(2, 1).repeat_interleave(2, 2).numpy()
+    assert (output.semantic_maps == expected).all()
+    assert output.nsfw_content_detected is None
+    pil = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, output_type="pil", height=16, width=16)
+    assert isinstance(pil.images[0], PIL.Image.Image) and pil.images[0].size == (16, 16)
+    tensors = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, output_type="pt", height=16, width=16)
+    assert torch.is_tensor(tensors.semantic_maps) and tuple(tensors.images.shape) == (2, 3, 16, 16)
+
+
+def test_each_control_changes_the_image_and_equivalent_inputs_do_not(tiny_pipeline):
+    labels = _labels()
+    base = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.2).images
+    assert not np.allclose(base, _run(tiny_pipeline, semantic_map=_labels(seed=1), uncertainty_map=0.2).images)
+    assert not np.allclose(base, _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.9).images)
+    # The same condition given as a constant, a tensor, a PIL image or a one-hot tensor gives the same image.
+    constant = torch.full((16, 16), 0.2)
+    assert (base == _run(tiny_pipeline, semantic_map=labels, uncertainty_map=constant).images).all()
+    pil_labels = PIL.Image.fromarray(labels[0].numpy().astype(np.uint8))
+    assert (base == _run(tiny_pipeline, semantic_map=pil_labels, uncertainty_map=0.2).images).all()
+    one_hot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    assert (base == _run(tiny_pipeline, semantic_map=one_hot, uncertainty_map=0.2).images).all()
+
+
+def test_zero_scale_equals_no_map(tiny_pipeline):
+    labels = _labels()
+    without = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=None).images
+    at_zero = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.7, uncertainty_conditioning_scale=0.0).images
+    assert (without == at_zero).all()
+
+
+def test_branch_outside_its_guidance_window_is_not_computed(tiny_pipeline):
+    controlnet = tiny_pipeline.controlnet
+    calls = {"semantic": 0, "uncertainty": 0}
+    controlnet.semantic_controlnet.register_forward_hook(lambda *a: calls.__setitem__("semantic", calls["semantic"] + 1))
+    controlnet.uncertainty_controlnet.register_forward_hook(
+        lambda *a: calls.__setitem__("uncertainty", calls["uncertainty"] + 1)
+    )
+    labels = _labels()
+    _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, num_inference_steps=4, control_guidance_end=(1.0, 0.5))
+    assert calls == {"semantic": 4, "uncertainty": 2}
+    full = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, control_guidance_end=(1.0, 1.0)).images
+    default = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5).images
+    assert (full == default).all()
+
+
+def test_one_prompt_broadcasts_over_label_maps_and_images_per_prompt(tiny_pipeline):
+    labels = _labels(batch_size=2)
+    output = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=[np.full((16, 16), 0.1, np.float32)] * 2, num_images_per_prompt=2)
+    assert output.images.shape[0] == 4
+    assert (output.semantic_maps == labels.repeat_interleave(2, 0).numpy()).all()
+    single = _run(tiny_pipeline, semantic_map=labels[:1], uncertainty_map=0.1, num_images_per_prompt=3)
+    assert (single.semantic_maps == labels[:1].repeat(3, 1, 1).numpy()).all()
+
+
+def test_guess_mode_callbacks_and_slicing(tiny_pipeline):
+    labels = _labels()
+    steps = []
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        steps.append(step)
+        assert set(callback_kwargs) == {"latents"}
+        return callback_kwargs
+
+    base = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, callback_on_step_end=on_step_end).images
+    assert steps == [0, 1, 2]
+    guessed = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5, guess_mode=True).images
+    assert guessed.shape == base.shape and not np.allclose(guessed, base)
+    tiny_pipeline.enable_attention_slicing(1)
+    tiny_pipeline.vae.enable_slicing()  # diffusers 0.42 moved VAE slicing onto the VAE
+    sliced = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5).images
+    np.testing.assert_allclose(sliced, base, atol=1e-5)
+
+
+def test_model_cpu_offload_gives_the_same_image(tiny_pipeline):
+    labels = _labels()
+    base = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5).images
+    # Without an accelerator, offload "to" the CPU still installs and runs diffusers' offload hooks.
+    tiny_pipeline.enable_model_cpu_offload(device="cpu")
+    offloaded = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.5).images
+    assert (base == offloaded).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(semantic_map=torch.full((16, 16), 9)), r"`semantic_map` values must be in \[0, 4\) or ignore_index=255, but found \[9\]"),
+        (dict(semantic_map=torch.zeros(12, 20, dtype=torch.long)), r"`height` must be divisible by 8, but got 12 \(taken from semantic_map's size"),
+        (dict(uncertainty_map=1.2), r"`uncertainty_map` must lie in \[0, 1\], but got 1.2"),
+        (dict(uncertainty_map=torch.full((16, 16), float("nan"))), "`uncertainty_map` contains NaN"),
+        (
+            dict(semantic_map=torch.zeros(2, 16, 16, dtype=torch.long), uncertainty_map=torch.zeros(3, 16, 16)),
+            r"Batch sizes must be 1 or equal, but got \{'prompt': 1, 'semantic_map': 2, 'uncertainty_map': 3\}",
+        ),
+        (dict(semantic_map=torch.zeros(1, 3, 16, 16)), r"shape \(B, 4, H, W\), but got shape \(1, 3, 16, 16\)"),
+        (dict(uncertainty_map=torch.zeros(1, 2, 16, 16)), r"\(B, 1, H, W\), but got \(1, 2, 16, 16\)"),
+        (dict(uncertainty_map=0.5, height=20), "`height` must be divisible by 8, but got 20"),
+        (dict(uncertainty_map=0.5, control_guidance_start=(0.5, 0.0), control_guidance_end=(0.4, 1.0)), "0 <= start < end <= 1"),
+        (dict(uncertainty_map=0.5, prompt=None), "Pass `prompt` or `prompt_embeds`"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_any_work(tiny_pipeline, kwargs, message):
+    calls = []
+    tiny_pipeline.unet.register_forward_hook(lambda *a: calls.append(1))
+    tiny_pipeline.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    arguments = dict(prompt="a scan", num_inference_steps=2, output_type="np")
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(**arguments)
+    assert calls == []
+
+
+def test_a_controlnet_that_is_not_dual_is_refused(tiny_components):
+    tiny_components["controlnet"] = ControlNetModel.from_unet(tiny_components["unet"])
+    with pytest.raises(ValueError, match="`controlnet` must be an UncertaintyControlNetModel, but got ControlNetModel"):
+        StableDiffusionDualControlPipeline(**tiny_components)

@@ -160,6 +160,7 @@ def build_tiny_components(
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
     )
     return {
         "vae": vae,

@@ -86,28 +86,22 @@ def png16_to_uncertainty(image: Image.Image) -> np.ndarray:
 
 
 def save_pretrained_atomic(model, output_dir: str, **kwargs) -> None:
-    """`model.save_pretrained` into a temporary sibling folder, then swapped into `output_dir`.
+    """`model.save_pretrained` into a temporary folder inside `output_dir`, then each file renamed into place, so
+    `output_dir` never holds a half-written file (other content of `output_dir`, e.g. checkpoints, is kept).
 
     Args:
         model: Object with `save_pretrained` (e.g. [`SegmentationModel`]).
-        output_dir (`str`): Destination folder (replaced if it exists).
+        output_dir (`str`): Destination folder.
         **kwargs: Passed to `save_pretrained`.
     """
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=output_dir)
     try:
         model.save_pretrained(tmp, **kwargs)
-        if os.path.isdir(output_dir):
-            old = tmp + "-old"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
-    except BaseException:
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def group_by_shape(tensors: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-uncertainty authors. Apache-2.0.
+"""Per-pixel uncertainty maps of a trained segmenter for every image of a folder or dataset.
+
+Writes `<output_dir>/maps/<name>.png` (16-bit grayscale, 0..65535 <-> 0..1, at the original image size) and
+`<output_dir>/scores.csv` + `<output_dir>/scores.json` (per-image score = mean of the map; JSON also holds the mean
+over images). With `accelerate launch --num_processes N` the images are split between processes.
+
+    accelerate launch examples/compute_uncertainty.py --model runs/source_only \
+        --data_dir ../shared/data/camvid_daydusk/target/train --resolution 128 --output_dir runs/uncertainty/target
+"""
+
+import argparse
+import csv
+import io
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from diffusers_uncertainty.segmentation import (
+    UNCERTAINTY_ESTIMATORS,
+    SegmentationModel,
+    SegmentationTransform,
+    TransformedDataset,
+    load_segmentation_data,
+)
+from diffusers_uncertainty.segmentation.data import list_collate
+from diffusers_uncertainty.segmentation.io_utils import (
+    group_by_shape,
+    resize_probs,
+    save_image_atomic,
+    uncertainty_to_png16,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Write uncertainty maps and per-image scores of a segmenter.")
+    parser.add_argument("--model", type=str, nargs="+", required=True,
+                        help="Saved SegmentationModel(s) (folder or Hub id); several for --estimator ensemble.")
+    parser.add_argument("--data_dir", type=str, required=True,
+                        help="Folder of images (or `images/` + optional `labels/`), saved dataset, or Hub dataset id.")
+    parser.add_argument("--dataset_split", type=str, default="train")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--estimator", type=str, default="entropy", choices=sorted(UNCERTAINTY_ESTIMATORS))
+    parser.add_argument("--num_passes", type=int, default=8, help="Stochastic passes for mc_dropout.")
+    parser.add_argument("--resolution", type=int, default=256, help="Shorter side of the network input (as in training).")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    args = parser.parse_args(input_args)
+    if args.estimator == "ensemble" and len(args.model) < 2:
+        raise ValueError(f"`--estimator ensemble` needs at least 2 `--model`, got {len(args.model)}.")
+    if args.estimator != "ensemble" and len(args.model) != 1:
+        raise ValueError(f"`--estimator {args.estimator}` takes exactly one `--model`, got {len(args.model)}.")
+    return args
+
+
+def build_estimator(args, models):
+    if args.estimator == "entropy":
+        return UNCERTAINTY_ESTIMATORS["entropy"](models[0])
+    if args.estimator == "mc_dropout":
+        return UNCERTAINTY_ESTIMATORS["mc_dropout"](models[0], num_passes=args.num_passes)
+    return UNCERTAINTY_ESTIMATORS["ensemble"](models)
+
+
+def main(args):
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    models = [SegmentationModel.from_pretrained(m).to(accelerator.device).eval() for m in args.model]
+    strides = {m.output_stride for m in models}
+    dataset = load_segmentation_data(
+        args.data_dir, num_classes=models[0].config.num_classes, ignore_index=models[0].config.ignore_index,
+        require_labels=False, split=args.dataset_split, image_column=args.image_column, label_column="__none__",
+        argument="--data_dir",
+    )
+    transform = SegmentationTransform(args.resolution, train=False, multiple=max(strides))
+    dataset = TransformedDataset(dataset, transform)
+    names = [dataset.dataset.names[i] if hasattr(dataset.dataset, "names") else f"{i:06d}" for i in range(len(dataset))]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`--data_dir` {args.data_dir!r}: image names are not unique.")
+
+    # Each process takes its share of the images (accelerate's split_between_processes).
+    with accelerator.split_between_processes(list(range(len(dataset)))) as shard:
+        shard = list(shard)
+    dataloader = DataLoader(
+        Subset(dataset, shard), batch_size=args.batch_size, shuffle=False, collate_fn=list_collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    estimator = build_estimator(args, models)
+    map_dir = os.path.join(args.output_dir, "maps")
+    os.makedirs(map_dir, exist_ok=True)
+    rows = []
+    for batch in tqdm(dataloader, desc="Uncertainty", disable=not accelerator.is_local_main_process):
+        for indices, pixel_values in group_by_shape(batch["pixel_values"]):
+            with accelerator.autocast():
+                output = estimator(pixel_values.to(accelerator.device))
+            for i, uncertainty in zip(indices, output.maps):
+                size = batch["original_size"][i]
+                full = resize_probs(uncertainty[None, None].float(), size)[0, 0].clamp(0.0, 1.0).cpu()
+                name = batch["name"][i]
+                save_image_atomic(os.path.join(map_dir, f"{name}.png"), uncertainty_to_png16(full.numpy()))
+                rows.append({"name": name, "score": float(full.mean())})
+
+    rows = gather_object(rows)
+    if accelerator.is_main_process:
+        rows = sorted(rows, key=lambda r: r["name"])
+        mean = sum(r["score"] for r in rows) / len(rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["name", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(os.path.join(args.output_dir, "scores.csv"), buffer.getvalue())
+        write_json_atomic(
+            os.path.join(args.output_dir, "scores.json"),
+            {
+                "estimator": args.estimator,
+                "models": args.model,
+                "data_dir": args.data_dir,
+                "resolution": args.resolution,
+                "num_images": len(rows),
+                "mean_score": mean,
+                "scores": {r["name"]: r["score"] for r in rows},
+            },
+        )
+        print(f"mean {args.estimator} uncertainty over {len(rows)} images of {args.data_dir}: {mean:.4f}")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,493 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-uncertainty authors. Apache-2.0.
+"""Train a semantic segmentation network (source only, photometric augmentation, or FLEX-Seg noise-aware training
+on real + synthetic data).
+
+The structure (argument names, accelerate setup, checkpointing with `--checkpointing_steps` /
+`--resume_from_checkpoint`, trackers, Hub upload) follows diffusers' `examples/controlnet/train_controlnet.py`.
+
+    accelerate launch examples/train_segmentation.py \
+        --train_data_dir ../shared/data/camvid_daydusk/source/train \
+        --validation_data_dir ../shared/data/camvid_daydusk/target/val \
+        --num_classes 11 --ignore_index 11 --resolution 128 --max_train_steps 300 --output_dir runs/source_only
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from diffusers.optimization import get_scheduler
+from diffusers_uncertainty.segmentation import (
+    FlexSegLoss,
+    HardnessAwareSampler,
+    PhotometricAugmentation,
+    SegmentationMetrics,
+    SegmentationTransform,
+    TransformedDataset,
+    create_segmentation_model,
+    load_segmentation_data,
+    metrics_to_markdown,
+    mixture_weights,
+)
+from diffusers_uncertainty.segmentation.data import concat_datasets, list_collate
+from diffusers_uncertainty.segmentation.io_utils import (
+    group_by_shape,
+    resize_probs,
+    save_pretrained_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+logger = get_logger(__name__)
+
+FLEXSEG_DEFAULTS = {
+    "ube_weight": 1.0,
+    "band_weight": 0.5,
+    "proto_weight": 0.1,
+    "hardness_sampling": True,
+}
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "segmenter_card.md"
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Train a segmentation network (source only / augmented / FLEX-Seg).")
+    # Data
+    parser.add_argument("--train_data_dir", type=str, nargs="+", required=True,
+                        help="Labeled training sources: `images/`+`labels/` folders, `save_to_disk` datasets or Hub ids.")
+    parser.add_argument("--train_data_weights", type=float, nargs="+", default=None,
+                        help="Sampling weight of each --train_data_dir source (default: proportional to size).")
+    parser.add_argument("--synthetic_data_dir", type=str, nargs="*", default=[],
+                        help="Synthetic labeled sources (e.g. a generated dataset with `image` and `label` columns).")
+    parser.add_argument("--synthetic_ratio", type=float, default=None,
+                        help="Fraction of training draws taken from --synthetic_data_dir (default: proportional to size).")
+    parser.add_argument("--validation_data_dir", type=str, default=None, help="Labeled folder/dataset for validation.")
+    parser.add_argument("--dataset_split", type=str, default="train", help="Split used for `datasets` sources.")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--label_column", type=str, default="label")
+    parser.add_argument("--num_classes", type=int, required=True)
+    parser.add_argument("--ignore_index", type=int, default=255)
+    parser.add_argument("--class_names", type=str, nargs="+", default=None)
+    parser.add_argument("--classes_json", type=str, default=None,
+                        help="A `classes.json` with a `classes` list (as in camvid_daydusk) to name the classes.")
+    parser.add_argument("--resolution", type=int, default=256,
+                        help="Training crop size (shorter side resized to it); validation resizes the shorter side to it.")
+    parser.add_argument("--photometric_augmentation", action="store_true",
+                        help="Random brightness, contrast, gamma, blur and noise on training images.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # Model
+    parser.add_argument("--architecture", type=str, default="unet")
+    parser.add_argument("--encoder_name", type=str, default="resnet18")
+    parser.add_argument("--encoder_depth", type=int, default=5)
+    parser.add_argument("--decoder_channels", type=int, nargs="+", default=None)
+    parser.add_argument("--encoder_weights", type=str, default=None,
+                        help="Pretrained encoder weights (e.g. `imagenet`); default random init. Unreachable -> random init.")
+    parser.add_argument("--dropout", type=float, default=0.1, help="Dropout before the head (used by MC-dropout).")
+    # Losses
+    parser.add_argument("--flexseg", action="store_true",
+                        help="FLEX-Seg: sets ube/band/proto weights and hardness sampling to their defaults unless given.")
+    parser.add_argument("--dice_weight", type=float, default=0.0, help="Add soft Dice to cross-entropy with this weight.")
+    parser.add_argument("--ube_weight", type=float, default=None, help="Uncertainty boundary emphasis loss weight.")
+    parser.add_argument("--ube_alpha", type=float, default=1.0)
+    parser.add_argument("--ube_beta", type=float, default=1.0)
+    parser.add_argument("--band_weight", type=float, default=None, help="Multi-scale boundary band loss weight.")
+    parser.add_argument("--band_radii", type=int, nargs="+", default=[1, 3, 6])
+    parser.add_argument("--band_weights", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    parser.add_argument("--proto_weight", type=float, default=None, help="Granular prototype contrastive loss weight.")
+    parser.add_argument("--proto_momentum", type=float, default=0.99)
+    parser.add_argument("--proto_temperature", type=float, default=0.1)
+    parser.add_argument("--hardness_sampling", action="store_true", default=None, help="Hardness-aware sampling.")
+    parser.add_argument("--hardness_max", type=float, default=0.5, help="Final mix toward the hard distribution.")
+    parser.add_argument("--hardness_gamma", type=float, default=2.0)
+    parser.add_argument("--hardness_momentum", type=float, default=0.9)
+    # Optimisation
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--max_train_steps", type=int, default=1000)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine",
+                        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=None)
+    # Bookkeeping
+    parser.add_argument("--output_dir", type=str, default="segmenter-model")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--report_to", type=str, default="tensorboard",
+                        help='"tensorboard", "wandb", "all" or "none".')
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".')
+    parser.add_argument("--validation_steps", type=int, default=100)
+    parser.add_argument("--validation_batch_size", type=int, default=8)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+
+    args = parser.parse_args(input_args)
+
+    for name, default in FLEXSEG_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default if args.flexseg else (False if isinstance(default, bool) else 0.0))
+    if args.train_data_weights is not None and len(args.train_data_weights) != len(args.train_data_dir):
+        raise ValueError(
+            f"`--train_data_weights` needs one weight per `--train_data_dir` ({len(args.train_data_dir)}), "
+            f"got {len(args.train_data_weights)}."
+        )
+    if args.synthetic_ratio is not None:
+        if not args.synthetic_data_dir:
+            raise ValueError("`--synthetic_ratio` needs at least one `--synthetic_data_dir`.")
+        if not 0.0 <= args.synthetic_ratio <= 1.0:
+            raise ValueError(f"`--synthetic_ratio` must be in [0, 1], got {args.synthetic_ratio}.")
+    if len(args.band_weights) != len(args.band_radii):
+        raise ValueError(
+            f"`--band_weights` ({len(args.band_weights)}) must have one weight per `--band_radii` ({len(args.band_radii)})."
+        )
+    if args.max_train_steps < 1:
+        raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
+    if args.class_names is not None and args.classes_json is not None:
+        raise ValueError("Give either `--class_names` or `--classes_json`, not both.")
+    if args.classes_json is not None:
+        with open(args.classes_json) as f:
+            args.class_names = json.load(f)["classes"]
+    if args.class_names is not None and len(args.class_names) != args.num_classes:
+        raise ValueError(f"Expected {args.num_classes} class names (`--num_classes`), got {len(args.class_names)}.")
+    return args
+
+
+def method_name(args) -> str:
+    parts = []
+    if args.ube_weight or args.band_weight or args.proto_weight or args.hardness_sampling:
+        parts.append("flexseg" if args.flexseg else "noise-aware")
+    if args.photometric_augmentation:
+        parts.append("photometric-augmentation")
+    if args.synthetic_data_dir:
+        parts.append("synthetic")
+    return "+".join(parts) if parts else "source-only"
+
+
+def build_training_data(args):
+    """Opens and checks every source (raises before any training), returns dataset and per-sample base weights."""
+    real = [
+        load_segmentation_data(src, args.num_classes, args.ignore_index, split=args.dataset_split,
+                               image_column=args.image_column, label_column=args.label_column,
+                               argument=f"--train_data_dir {src}")
+        for src in args.train_data_dir
+    ]
+    synthetic = [
+        load_segmentation_data(src, args.num_classes, args.ignore_index, split=args.dataset_split,
+                               image_column=args.image_column, label_column=args.label_column,
+                               argument=f"--synthetic_data_dir {src}")
+        for src in args.synthetic_data_dir
+    ]
+    sources = real + synthetic
+    lengths = [len(d) for d in sources]
+    if args.train_data_weights is not None:
+        real_weights = list(args.train_data_weights)
+    else:
+        real_weights = [float(n) for n in lengths[: len(real)]]
+    synthetic_weights = [float(n) for n in lengths[len(real):]]
+    if args.synthetic_ratio is not None:
+        # Real sources share (1 - ratio), synthetic sources share ratio, each group split by its own weights.
+        real_total, synth_total = sum(real_weights), sum(synthetic_weights)
+        real_weights = [(1 - args.synthetic_ratio) * w / real_total for w in real_weights]
+        synthetic_weights = [args.synthetic_ratio * w / synth_total for w in synthetic_weights]
+    base_weights = mixture_weights(lengths, real_weights + synthetic_weights)
+    photometric = PhotometricAugmentation() if args.photometric_augmentation else None
+    transform = SegmentationTransform(args.resolution, train=True, photometric=photometric)
+    dataset = TransformedDataset(concat_datasets(sources), transform)
+    return dataset, base_weights, lengths
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, args, accelerator):
+    """mIoU etc. on a labeled dataset; logits upsampled to the label size."""
+    model.eval()
+    metrics = SegmentationMetrics(args.num_classes, args.ignore_index, args.class_names)
+    for batch in dataloader:
+        for indices, pixel_values in group_by_shape(batch["pixel_values"]):
+            with accelerator.autocast():
+                logits = model(pixel_values.to(accelerator.device)).logits.float()
+            for i, logit in zip(indices, logits):
+                labels = batch["labels"][i]
+                prediction = resize_probs(logit[None], tuple(labels.shape)).argmax(1)
+                metrics.update(prediction, labels[None])
+    model.train()
+    return metrics.compute()
+
+
+def write_model_card(args, repo_id, validation_metrics):
+    template = MODEL_CARD_TEMPLATE.read_text()
+    losses = ["cross-entropy" + (f" + {args.dice_weight} x Dice" if args.dice_weight else "")]
+    if args.ube_weight:
+        losses.append(f"{args.ube_weight} x uncertainty boundary emphasis (alpha {args.ube_alpha}, beta {args.ube_beta})")
+    if args.band_weight:
+        losses.append(f"{args.band_weight} x boundary bands (radii {args.band_radii}, weights {args.band_weights})")
+    if args.proto_weight:
+        losses.append(f"{args.proto_weight} x granular prototype contrast (momentum {args.proto_momentum})")
+    if args.hardness_sampling:
+        losses.append(f"hardness-aware sampling (max mix {args.hardness_max}, gamma {args.hardness_gamma})")
+    if validation_metrics is not None:
+        validation = f"On `{args.validation_data_dir}`:\n\n" + metrics_to_markdown(validation_metrics)
+    else:
+        validation = "No validation set was given."
+    values = {
+        "model_name": repo_id.split("/")[-1],
+        "repo_id": repo_id,
+        "method": method_name(args),
+        "method_tag": method_name(args).replace("+", "-"),
+        "architecture": args.architecture,
+        "encoder_name": args.encoder_name,
+        "encoder_depth": args.encoder_depth,
+        "num_classes": args.num_classes,
+        "ignore_index": args.ignore_index,
+        "dropout": args.dropout,
+        "encoder_init": args.encoder_weights or "random",
+        "train_data": ", ".join(f"`{s}`" for s in args.train_data_dir + args.synthetic_data_dir),
+        "losses": "; ".join(losses) + (" + photometric augmentation" if args.photometric_augmentation else ""),
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "resolution": args.resolution,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "mixed_precision": args.mixed_precision or "no",
+        "validation": validation,
+    }
+    for key, value in values.items():
+        template = template.replace("{{" + key + "}}", str(value))
+    write_text_atomic(os.path.join(args.output_dir, "README.md"), template)
+
+
+def main(args):
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=accelerator_project_config,
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    # Data first: bad input stops here, before a model is built.
+    train_dataset, base_weights, lengths = build_training_data(args)
+    validation_dataloader = None
+    if args.validation_data_dir is not None:
+        validation_data = load_segmentation_data(
+            args.validation_data_dir, args.num_classes, args.ignore_index, split=args.dataset_split,
+            image_column=args.image_column, label_column=args.label_column, argument="--validation_data_dir",
+        )
+        validation_dataloader = DataLoader(
+            TransformedDataset(validation_data, SegmentationTransform(args.resolution, train=False)),
+            batch_size=args.validation_batch_size, shuffle=False, collate_fn=list_collate,
+            num_workers=args.dataloader_num_workers,
+        )
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    model = create_segmentation_model(
+        architecture=args.architecture,
+        encoder_name=args.encoder_name,
+        num_classes=args.num_classes,
+        encoder_weights=args.encoder_weights,
+        encoder_depth=args.encoder_depth,
+        decoder_channels=tuple(args.decoder_channels) if args.decoder_channels else None,
+        in_channels=3,
+        dropout=args.dropout,
+        ignore_index=args.ignore_index,
+        class_names=tuple(args.class_names) if args.class_names else None,
+    )
+    if args.resolution % model.output_stride:
+        raise ValueError(
+            f"`--resolution` must be divisible by the network stride {model.output_stride}, got {args.resolution}."
+        )
+    loss_fn = FlexSegLoss(
+        args.num_classes,
+        args.ignore_index,
+        dice_weight=args.dice_weight,
+        ube_weight=args.ube_weight,
+        ube_alpha=args.ube_alpha,
+        ube_beta=args.ube_beta,
+        band_weight=args.band_weight,
+        band_radii=args.band_radii,
+        band_weights=args.band_weights,
+        proto_weight=args.proto_weight,
+        feature_dim=model.feature_channels,
+        proto_momentum=args.proto_momentum,
+        proto_temperature=args.proto_temperature,
+    ).to(accelerator.device)
+
+    sampler = None
+    uniform = len(set(round(w * len(base_weights), 9) for w in base_weights)) == 1
+    if args.hardness_sampling or not uniform:
+        # Same seed in every process: each process draws the same sequence, which accelerate shards.
+        sampler = HardnessAwareSampler(
+            base_weights,
+            num_draws=len(train_dataset),
+            momentum=args.hardness_momentum,
+            gamma=args.hardness_gamma,
+            max_hardness=args.hardness_max if args.hardness_sampling else 0.0,
+            seed=args.seed or 0,
+        )
+    train_dataloader = DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        drop_last=len(train_dataset) >= args.train_batch_size,
+    )
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    # Prototype bank and sampler state go into every checkpoint too.
+    accelerator.register_for_checkpointing(loss_fn)
+    if sampler is not None:
+        accelerator.register_for_checkpointing(sampler)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        tracker_config = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in vars(args).items()}
+        accelerator.init_trackers("train_segmentation", config=tracker_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Method = {method_name(args)}")
+    logger.info(f"  Num examples = {len(train_dataset)} (sources: {lengths})")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = args.resume_from_checkpoint
+            if not os.path.isdir(path):
+                raise ValueError(f"`--resume_from_checkpoint`: expected a checkpoint folder or 'latest', got {path!r}.")
+        else:
+            dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] if os.path.isdir(args.output_dir) else []
+            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
+            path = os.path.join(args.output_dir, dirs[-1]) if dirs else None
+        if path is None:
+            accelerator.print("No checkpoint found for 'latest'; starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    reduce_fn = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+    validation_metrics = None
+    model.train()
+    # The data loader is iterated until `max_train_steps` (epochs carry no meaning with random sampling); after a
+    # resume, training continues with fresh draws.
+    while global_step < args.max_train_steps:
+        for batch in train_dataloader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    output = model(batch["pixel_values"], return_features=loss_fn.needs_features)
+                terms = loss_fn(output.logits, batch["labels"], output.features, reduce_fn=reduce_fn)
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if sampler is not None:
+                indices, losses = accelerator.gather((batch["index"].to(accelerator.device), terms["per_sample"]))
+                sampler.update(indices, losses)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            if sampler is not None:
+                sampler.set_progress(global_step / args.max_train_steps)
+            logs = {k: float(v.detach()) for k, v in terms.items() if k != "per_sample"}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            if sampler is not None:
+                logs["hardness_mix"] = sampler.hardness_mix
+            progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                # As in diffusers' examples: enforce checkpoints_total_limit before saving a new one.
+                if args.checkpoints_total_limit is not None:
+                    checkpoints = sorted(
+                        (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                        key=lambda x: int(x.split("-")[1]),
+                    )
+                    while len(checkpoints) >= args.checkpoints_total_limit:
+                        shutil.rmtree(os.path.join(args.output_dir, checkpoints.pop(0)))
+                save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                tmp_path = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+                accelerator.save_state(tmp_path)
+                os.replace(tmp_path, save_path)
+                logger.info(f"Saved state to {save_path}")
+
+            if (
+                validation_dataloader is not None
+                and accelerator.is_main_process
+                and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps)
+            ):
+                validation_metrics = evaluate(accelerator.unwrap_model(model), validation_dataloader, args, accelerator)
+                accelerator.log(
+                    {"val/mIoU": validation_metrics["mIoU"], "val/pixel_accuracy": validation_metrics["pixel_accuracy"]},
+                    step=global_step,
+                )
+                logger.info(f"step {global_step}: validation mIoU {validation_metrics['mIoU']:.4f}")
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_pretrained_atomic(unwrapped, args.output_dir)
+        if validation_metrics is not None:
+            write_json_atomic(os.path.join(args.output_dir, "validation_metrics.json"), validation_metrics)
+        repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+        write_model_card(args, repo_id, validation_metrics)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+            write_model_card(args, repo_id, validation_metrics)
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".tmp-*", args.logging_dir + "/*"],
+                token=args.hub_token,
+            )
+        if validation_metrics is not None:
+            accelerator.print(f"final validation mIoU {validation_metrics['mIoU']:.4f}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

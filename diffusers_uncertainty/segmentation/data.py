@@ -262,6 +262,12 @@ def load_segmentation_data(
         or os.path.isfile(os.path.join(source, "dataset_dict.json"))
         or os.path.isfile(os.path.join(source, "state.json"))
     )
+    looks_local = os.path.isabs(source) or source.startswith(".") or source.count("/") != 1
+    if not os.path.exists(source) and looks_local:
+        raise ValueError(
+            f"`{argument}`: expected a folder, a saved dataset or a Hub dataset id (`owner/name`), got {source!r}, "
+            "which does not exist."
+        )
     if os.path.isdir(source) and not is_saved_dataset:
         return SegmentationFolder(source, num_classes, ignore_index, require_labels=require_labels, argument=argument)
     import datasets

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_uncertainty.segmentation import (
+    PhotometricAugmentation,
+    SegmentationMetrics,
+    SegmentationTransform,
+    eval_size,
+    load_segmentation_data,
+    metrics_to_markdown,
+)
+
+
+def write_folder(root, n=3, size=(40, 30), label_fn=None):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        label = np.zeros((size[1], size[0]), np.uint8) if label_fn is None else label_fn(i)
+        Image.fromarray(label).save(root / "labels" / f"im{i}.png")
+    return root
+
+
+def test_valid_folder_loads(tmp_path):
+    def label_fn(i):
+        label = np.zeros((30, 40), np.uint8)
+        label[:, 20:] = 2
+        label[0, 0] = 255
+        return label
+
+    data = load_segmentation_data(str(write_folder(tmp_path / "d", label_fn=label_fn)), 3, 255)
+    assert len(data) == 3 and data.has_labels
+    sample = data[1]
+    assert sample["name"] == "im1" and sample["image"].size == (40, 30)
+    assert sample["label"].dtype == np.int64 and set(np.unique(sample["label"])) == {0, 2, 255}
+
+
+def test_label_values_out_of_range_raise_naming_file(tmp_path):
+    def label_fn(i):
+        label = np.zeros((30, 40), np.uint8)
+        if i == 2:
+            label[3, 3] = 7
+        return label
+
+    root = write_folder(tmp_path / "d", label_fn=label_fn)
+    with pytest.raises(ValueError, match=r"im2\.png.*0\.\.2.*`--ignore_index` 255, got \[7\]"):
+        load_segmentation_data(str(root), 3, 255, argument="--train_data_dir")
+
+
+def test_mismatched_image_and_label_size_raises(tmp_path):
+    root = write_folder(tmp_path / "d")
+    Image.fromarray(np.zeros((31, 40), np.uint8)).save(root / "labels" / "im1.png")
+    with pytest.raises(ValueError, match=r"labels/im1\.png: expected the size of its image .*40x30.*got 40x31"):
+        load_segmentation_data(str(root), 3, 255)
+
+
+def test_empty_and_incomplete_folders_raise(tmp_path):
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "labels").mkdir()
+    with pytest.raises(ValueError, match=r"`--train_data_dir` .*empty.*no images found"):
+        load_segmentation_data(str(tmp_path / "empty"), 3, 255, argument="--train_data_dir")
+    with pytest.raises(ValueError, match="expected a folder"):
+        load_segmentation_data(str(tmp_path / "missing"), 3, 255, argument="--data_dir")
+    root = write_folder(tmp_path / "d")
+    (root / "labels" / "im0.png").unlink()
+    with pytest.raises(ValueError, match=r"missing for 1 image\(s\), e\.g\. \['im0'\]"):
+        load_segmentation_data(str(root), 3, 255)
+    # Unlabeled use of the same folder is fine.
+    assert not load_segmentation_data(str(root), 3, 255, require_labels=False).has_labels
+
+
+def test_rgb_label_rejected(tmp_path):
+    root = write_folder(tmp_path / "d")
+    Image.new("RGB", (40, 30)).save(root / "labels" / "im0.png")
+    with pytest.raises(ValueError, match="single-channel integer PNG"):
+        load_segmentation_data(str(root), 3, 255)
+
+
+def test_saved_dataset_loads_and_is_checked(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (16, 8), (i * 40, 0, 0)) for i in range(3)]
+    labels = [Image.fromarray(np.full((8, 16), i, np.uint8)) for i in range(3)]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "label": labels}, features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    )
+    ds.save_to_disk(str(tmp_path / "syn"))
+    data = load_segmentation_data(str(tmp_path / "syn"), 3, 255, argument="--synthetic_data_dir")
+    assert len(data) == 3 and data[2]["label"].max() == 2
+    with pytest.raises(ValueError, match=r"--synthetic_data_dir\[2\]\['label'\].*got \[2\]"):
+        load_segmentation_data(str(tmp_path / "syn"), 2, 255, argument="--synthetic_data_dir")
+    ds.remove_columns("label").save_to_disk(str(tmp_path / "nolabel"))
+    with pytest.raises(ValueError, match="expected a label column 'label'"):
+        load_segmentation_data(str(tmp_path / "nolabel"), 3, 255)
+
+
+def test_train_transform_keeps_image_and_label_aligned():
+    # The label equals the image's red channel quantised: any misalignment would break the equality.
+    red = np.tile((np.arange(48) // 12 * 60).astype(np.uint8), (36, 1))
+    image = Image.fromarray(np.stack([red, np.zeros_like(red), np.zeros_like(red)], -1))
+    label = (red // 60).astype(np.int64)
+    transform = SegmentationTransform(32, train=True)
+    for _ in range(5):
+        out = transform({"image": image, "label": label, "name": "x"})
+        assert out["pixel_values"].shape == (3, 32, 32) and out["labels"].shape == (32, 32)
+        predicted = torch.round(out["pixel_values"][0] * 255 / 60).long()
+        # Bilinear resampling blurs class borders by a pixel; elsewhere the two agree exactly.
+        interior = (out["labels"][:, 1:-1] == out["labels"][:, :-2]) & (out["labels"][:, 1:-1] == out["labels"][:, 2:])
+        assert torch.equal(predicted[:, 1:-1][interior], out["labels"][:, 1:-1][interior])
+
+
+def test_eval_transform_and_size():
+    assert eval_size(180, 240, 128, 32) == (128, 160)
+    out = SegmentationTransform(128, train=False)({"image": Image.new("RGB", (240, 180)), "label": np.zeros((180, 240), np.int64), "name": "a"})
+    assert out["pixel_values"].shape == (3, 128, 160) and out["labels"].shape == (180, 240)
+    assert out["original_size"] == (180, 240)
+
+
+def test_photometric_augmentation_changes_appearance_only():
+    torch.manual_seed(0)
+    image = torch.rand(3, 16, 16)
+    aug = PhotometricAugmentation(p=1.0, blur_p=1.0, noise_p=1.0)
+    out = aug(image)
+    assert out.shape == image.shape and (out >= 0).all() and (out <= 1).all()
+    assert not torch.allclose(out, image)
+
+
+def test_metrics_match_hand_computation_and_exclude_ignore():
+    metrics = SegmentationMetrics(3, ignore_index=9, class_names=["a", "b", "c"])
+    labels = torch.tensor([[[0, 0, 1, 1, 9, 9]]])
+    preds = torch.tensor([[[0, 1, 1, 1, 2, 0]]])  # predictions on ignored pixels must not count
+    metrics.update(preds, labels)
+    result = metrics.compute()
+    # class 0: TP 1, FN 1, FP 0 -> IoU 1/2, Dice 2/3; class 1: TP 2, FP 1 -> IoU 2/3, Dice 4/5; class 2 absent.
+    assert result["per_class"][0]["IoU"] == pytest.approx(0.5)
+    assert result["per_class"][1]["IoU"] == pytest.approx(2 / 3)
+    assert result["per_class"][2]["IoU"] is None
+    assert result["per_class"][1]["Dice"] == pytest.approx(0.8)
+    assert result["mIoU"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert result["mDice"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert result["pixel_accuracy"] == pytest.approx(3 / 4)
+    assert result["labeled_pixels"] == 4
+    table = metrics_to_markdown(result, title="t")
+    assert "| b | 66.67 | 80.00 | 2 |" in table and "| c | n/a | n/a | 0 |" in table

@@ -1,0 +1,220 @@
+"""The segmentation example scripts, run through `accelerate launch` at tiny scale on data written to tmp_path."""
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+TINY_MODEL = [
+    "--architecture", "unet", "--encoder_name", "tu-mobilenetv3_small_050", "--encoder_depth", "3",
+    "--decoder_channels", "16", "8", "8", "--resolution", "32",
+]
+
+
+def scene(rng, height=32, width=40):
+    """Dark background (0), red box (1), green box (2); labels follow the colours exactly."""
+    image = np.full((height, width, 3), 20, np.uint8)
+    label = np.zeros((height, width), np.uint8)
+    for cls, colour in ((1, (200, 30, 30)), (2, (30, 200, 30))):
+        h, w = rng.integers(6, 14, size=2)
+        y, x = rng.integers(0, height - h), rng.integers(0, width - w)
+        image[y : y + h, x : x + w] = colour
+        label[y : y + h, x : x + w] = cls
+    label[0, :3] = 255  # a few void pixels
+    return image, label
+
+
+def write_folder(root, n, seed, labels=True):
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    if labels:
+        (root / "labels").mkdir()
+    for i in range(n):
+        image, label = scene(rng)
+        Image.fromarray(image).save(root / "images" / f"s{i:02d}.png")
+        if labels:
+            Image.fromarray(label).save(root / "labels" / f"s{i:02d}.png")
+    return root
+
+
+def write_synthetic_dataset(path, n, seed, bad_value=None):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    rows = {"image": [], "label": []}
+    for _ in range(n):
+        image, label = scene(rng)
+        if bad_value is not None:
+            label[5, 5] = bad_value
+        rows["image"].append(Image.fromarray(image))
+        rows["label"].append(Image.fromarray(label))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    return path
+
+
+def accelerate_launch(script, args, num_processes=1):
+    launcher = Path(sys.executable).parent / "accelerate"
+    launcher = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    if launcher[0] != sys.executable:
+        launcher += ["launch"]
+    command = launcher + [
+        "--num_processes", str(num_processes), "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(EXAMPLES / script),
+    ] + [str(a) for a in args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segdata")
+    return {
+        "train": write_folder(root / "train", 6, seed=0),
+        "val": write_folder(root / "val", 3, seed=1),
+        "target": write_folder(root / "target", 5, seed=2, labels=False),
+        "synthetic": write_synthetic_dataset(root / "synthetic", 4, seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run") / "flexseg"
+    args = [
+        "--train_data_dir", data["train"], "--synthetic_data_dir", data["synthetic"], "--synthetic_ratio", "0.5",
+        "--validation_data_dir", data["val"], "--num_classes", "3", "--ignore_index", "255",
+        "--class_names", "background", "red", "green",
+        *TINY_MODEL, "--flexseg", "--dice_weight", "0.5", "--photometric_augmentation",
+        "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2",
+        "--learning_rate", "1e-3", "--seed", "0", "--report_to", "tensorboard", "--output_dir", output_dir,
+    ]
+    log = accelerate_launch("train_segmentation.py", args)
+    return {"dir": output_dir, "args": args, "log": log}
+
+
+def test_training_writes_model_checkpoints_card_and_logs(trained):
+    out = trained["dir"]
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    assert not list(out.glob(".tmp-*"))
+    card = (out / "README.md").read_text()
+    assert "{{" not in card and "flexseg+photometric-augmentation+synthetic" in card
+    assert "uncertainty boundary emphasis" in card and "hardness-aware sampling" in card
+    metrics = json.loads((out / "validation_metrics.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and [c["class"] for c in metrics["per_class"]] == ["background", "red", "green"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == 3 and config["ignore_index"] == 255 and config["encoder_depth"] == 3
+
+
+def test_training_resumes_from_latest_checkpoint(trained):
+    args = list(trained["args"])
+    args[args.index("--max_train_steps") + 1] = "6"
+    log = accelerate_launch("train_segmentation.py", args + ["--resume_from_checkpoint", "latest"])
+    assert f"Resuming from checkpoint {trained['dir'] / 'checkpoint-4'}" in log
+    assert (trained["dir"] / "checkpoint-6").is_dir()
+    # The prototype bank and sampler state were part of the checkpoint.
+    assert (trained["dir"] / "checkpoint-4" / "custom_checkpoint_0.pkl").is_file()
+
+
+def test_evaluate_writes_json_markdown_and_panels(trained, data, tmp_path):
+    log = accelerate_launch(
+        "evaluate_segmentation.py",
+        ["--model", trained["dir"], "--data_dir", data["val"], "--resolution", "32", "--output_dir", tmp_path,
+         "--save_visualizations", "2"],
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) >= {"mIoU", "mDice", "pixel_accuracy", "per_class"}
+    assert f"mIoU {metrics['mIoU']:.4f}" in log
+    assert "| class | IoU | Dice | pixels |" in (tmp_path / "metrics.md").read_text()
+    panels = sorted((tmp_path / "visualizations").glob("*.png"))
+    assert len(panels) == 2 and Image.open(panels[0]).size == (4 * 40, 32)
+    # Labeled pixels counted = all non-void label pixels of the 3 validation images.
+    expected = sum(int((np.asarray(Image.open(p)) != 255).sum()) for p in (data["val"] / "labels").glob("*.png"))
+    assert metrics["labeled_pixels"] == expected
+
+
+@pytest.mark.parametrize("estimator,num_processes", [("entropy", 2), ("mc_dropout", 1)])
+def test_compute_uncertainty_writes_maps_and_scores(trained, data, tmp_path, estimator, num_processes):
+    log = accelerate_launch(
+        "compute_uncertainty.py",
+        ["--model", trained["dir"], "--data_dir", data["target"], "--resolution", "32", "--estimator", estimator,
+         "--num_passes", "3", "--batch_size", "2", "--output_dir", tmp_path],
+        num_processes=num_processes,
+    )
+    with open(tmp_path / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [f"s{i:02d}" for i in range(5)]
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["num_images"] == 5 and summary["estimator"] == estimator
+    assert f"{summary['mean_score']:.4f}" in log
+    for row in rows:
+        png = Image.open(tmp_path / "maps" / f"{row['name']}.png")
+        array = np.asarray(png)
+        assert array.dtype == np.uint16 and array.shape == (32, 40)
+        # The per-image score is the mean of the stored map (up to 16-bit quantisation).
+        assert float(row["score"]) == pytest.approx(array.mean() / 65535, abs=1e-4)
+    if estimator == "entropy":
+        import torch
+
+        from diffusers_uncertainty.segmentation import EntropyEstimator, SegmentationModel
+        from diffusers_uncertainty.segmentation.data import image_to_tensor
+
+        model = SegmentationModel.from_pretrained(trained["dir"])
+        image = image_to_tensor(Image.open(data["target"] / "images" / "s00.png").convert("RGB"))[None]
+        expected = EntropyEstimator(model)(image).maps[0].numpy()
+        stored = np.asarray(Image.open(tmp_path / "maps" / "s00.png")) / 65535
+        np.testing.assert_allclose(stored, expected, atol=2e-4)
+
+
+def _load_train_script():
+    spec = importlib.util.spec_from_file_location("train_segmentation", EXAMPLES / "train_segmentation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_stops_on_bad_input_before_training(data, tmp_path):
+    train = _load_train_script()
+    base = ["--num_classes", "3", "--ignore_index", "255", *TINY_MODEL, "--report_to", "none",
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "out")]
+    bad_labels = tmp_path / "bad"
+    shutil.copytree(data["train"], bad_labels)
+    label = np.asarray(Image.open(bad_labels / "labels" / "s03.png")).copy()
+    label[1, 1] = 3
+    Image.fromarray(label).save(bad_labels / "labels" / "s03.png")
+    with pytest.raises(ValueError, match=r"s03\.png: values must be in 0\.\.2 .* got \[3\]"):
+        train.main(train.parse_args(["--train_data_dir", str(bad_labels), *base]))
+
+    bad_synthetic = write_synthetic_dataset(tmp_path / "badsyn", 2, seed=0, bad_value=9)
+    with pytest.raises(ValueError, match=r"--synthetic_data_dir .*\[0\]\['label'\].*got \[9\]"):
+        train.main(train.parse_args(["--train_data_dir", str(data["train"]), "--synthetic_data_dir",
+                                     str(bad_synthetic), *base]))
+
+    mismatched = tmp_path / "mismatch"
+    shutil.copytree(data["train"], mismatched)
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(mismatched / "labels" / "s01.png")
+    with pytest.raises(ValueError, match=r"s01\.png: expected the size of its image"):
+        train.main(train.parse_args(["--train_data_dir", str(mismatched), *base]))
+
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "labels").mkdir()
+    with pytest.raises(ValueError, match=r"`--train_data_dir .*empty`.*no images found"):
+        train.main(train.parse_args(["--train_data_dir", str(tmp_path / "empty"), *base]))
+
+    with pytest.raises(ValueError, match="--synthetic_ratio"):
+        train.parse_args(["--train_data_dir", str(data["train"]), "--synthetic_ratio", "0.5", *base])
+    assert not (tmp_path / "out").exists()  # nothing was trained or written

@@ -933,6 +933,7 @@ def main(args):
             load_model = UncertaintyControlNetModel.from_pretrained(input_dir, subfolder="controlnet")
             model.load_state_dict(load_model.state_dict())
             del load_model
+            logger.info(f"Loaded the controlnet weights of {input_dir}")
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -1057,7 +1058,10 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Branch = {args.train_branch}{' (shared trunk)' if args.shared_trunk else ''}")
-    logger.info(f"  Num examples = {len(train_dataset)} ({train_dataset.num_labeled} labeled)")
+    logger.info(
+        f"  Num examples = {len(train_dataset)} ({train_dataset.num_labeled} labeled, "
+        f"{train_dataset.num_unlabeled} unlabeled; label maps {'not ' if args.train_branch == 'uncertainty' else ''}used)"
+    )
     logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
     logger.info(f"  Num Epochs = {args.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
@@ -1102,8 +1106,14 @@ def main(args):
 
     run_validation = bool(args.validation_label or args.validation_uncertainty_levels)
     validation_log = None
+    # Resuming mid-epoch: skip the batches of that epoch the checkpoint has already seen, so that the number of
+    # steps per epoch and the end of training stay where an uninterrupted run puts them.
+    resume_batches = (initial_global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     for epoch in range(first_epoch, args.num_train_epochs):
-        for step, batch in enumerate(train_dataloader):
+        epoch_dataloader = train_dataloader
+        if epoch == first_epoch and resume_batches > 0:
+            epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        for step, batch in enumerate(epoch_dataloader):
             with accelerator.accumulate(controlnet):
                 loss = compute_loss(
                     batch, vae, text_encoder, unet, controlnet, noise_scheduler, args.train_branch,
@@ -1160,6 +1170,8 @@ def main(args):
 
             if global_step >= args.max_train_steps:
                 break
+        if global_step >= args.max_train_steps:
+            break
 
     # Save the trained controlnet and, if asked, push it with its model card.
     accelerator.wait_for_everyone()

@@ -40,6 +40,11 @@ from diffusers_uncertainty.segmentation.io_utils import (
 
 
 def parse_args(input_args=None):
+    """Parses and checks the command line.
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
     parser = argparse.ArgumentParser(description="Write uncertainty maps and per-image scores of a segmenter.")
     parser.add_argument("--model", type=str, nargs="+", required=True,
                         help="Saved SegmentationModel(s) (folder or Hub id); several for --estimator ensemble.")
@@ -63,6 +68,12 @@ def parse_args(input_args=None):
 
 
 def build_estimator(args, models):
+    """The estimator chosen with `--estimator`.
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+        models (`List[SegmentationModel]`): Loaded models.
+    """
     if args.estimator == "entropy":
         return UNCERTAINTY_ESTIMATORS["entropy"](models[0])
     if args.estimator == "mc_dropout":
@@ -71,6 +82,11 @@ def build_estimator(args, models):
 
 
 def main(args):
+    """Writes maps and scores.
+
+    Args:
+        args (`argparse.Namespace`): From [`parse_args`].
+    """
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     models = [SegmentationModel.from_pretrained(m).to(accelerator.device).eval() for m in args.model]
     strides = {m.output_stride for m in models}
@@ -81,10 +97,6 @@ def main(args):
     )
     transform = SegmentationTransform(args.resolution, train=False, multiple=max(strides))
     dataset = TransformedDataset(dataset, transform)
-    names = [dataset.dataset.names[i] if hasattr(dataset.dataset, "names") else f"{i:06d}" for i in range(len(dataset))]
-    if len(set(names)) != len(names):
-        raise ValueError(f"`--data_dir` {args.data_dir!r}: image names are not unique.")
-
     # Each process takes its share of the images (accelerate's split_between_processes).
     with accelerator.split_between_processes(list(range(len(dataset)))) as shard:
         shard = list(shard)

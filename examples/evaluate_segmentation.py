@@ -39,6 +39,11 @@ from diffusers_uncertainty.segmentation.io_utils import (
 
 
 def parse_args(input_args=None):
+    """Parses the command line.
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
     parser = argparse.ArgumentParser(description="Evaluate a segmenter on a labeled folder or dataset.")
     parser.add_argument("--model", type=str, required=True, help="Saved SegmentationModel (folder or Hub id).")
     parser.add_argument("--data_dir", type=str, required=True, help="`images/` + `labels/` folder, saved dataset or Hub id.")
@@ -58,11 +63,22 @@ def parse_args(input_args=None):
 
 
 def default_palette(num_classes: int) -> np.ndarray:
+    """A fixed random colour per class.
+
+    Args:
+        num_classes (`int`): Number of classes.
+    """
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
 
 
 def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """RGB rendering of a label map; ignored / unknown values are black.
+
+    Args:
+        label (`np.ndarray`): Integer label map.
+        palette (`np.ndarray` of shape `(C, 3)`): Colours.
+    """
     out = np.zeros((*label.shape, 3), dtype=np.uint8)  # ignore_index and unknown values stay black
     known = (label >= 0) & (label < len(palette))
     out[known] = palette[label[known]]
@@ -70,6 +86,11 @@ def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def main(args):
+    """Evaluates a model and writes the reports.
+
+    Args:
+        args (`argparse.Namespace`): From [`parse_args`].
+    """
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     model = SegmentationModel.from_pretrained(args.model).to(accelerator.device).eval()
     num_classes = args.num_classes or model.config.num_classes

@@ -63,6 +63,11 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "
 
 
 def parse_args(input_args=None):
+    """Parses and checks the command line.
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
     parser = argparse.ArgumentParser(description="Train a segmentation network (source only / augmented / FLEX-Seg).")
     # Data
     parser.add_argument("--train_data_dir", type=str, nargs="+", required=True,
@@ -170,6 +175,11 @@ def parse_args(input_args=None):
 
 
 def method_name(args) -> str:
+    """Short name of the training recipe (e.g. `source-only`, `flexseg+synthetic`).
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+    """
     parts = []
     if args.ube_weight or args.band_weight or args.proto_weight or args.hardness_sampling:
         parts.append("flexseg" if args.flexseg else "noise-aware")
@@ -181,7 +191,14 @@ def method_name(args) -> str:
 
 
 def build_training_data(args):
-    """Opens and checks every source (raises before any training), returns dataset and per-sample base weights."""
+    """Opens and checks every source (raises before any training).
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+
+    Returns:
+        `Tuple`: training dataset, per-sample base sampling weights, size of each source.
+    """
     real = [
         load_segmentation_data(src, args.num_classes, args.ignore_index, split=args.dataset_split,
                                image_column=args.image_column, label_column=args.label_column,
@@ -215,7 +232,14 @@ def build_training_data(args):
 
 @torch.no_grad()
 def evaluate(model, dataloader, args, accelerator):
-    """mIoU etc. on a labeled dataset; logits upsampled to the label size."""
+    """mIoU etc. on a labeled dataset; logits upsampled to the label size.
+
+    Args:
+        model (`SegmentationModel`): Unwrapped model.
+        dataloader (`DataLoader`): Evaluation loader with `list_collate`.
+        args (`argparse.Namespace`): Parsed arguments.
+        accelerator (`Accelerator`): For device and autocast.
+    """
     model.eval()
     metrics = SegmentationMetrics(args.num_classes, args.ignore_index, args.class_names)
     for batch in dataloader:
@@ -231,6 +255,13 @@ def evaluate(model, dataloader, args, accelerator):
 
 
 def write_model_card(args, repo_id, validation_metrics):
+    """Fills `model_cards/segmenter_card.md` and writes it as `<output_dir>/README.md`.
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+        repo_id (`str`): Hub repository id (or local name).
+        validation_metrics (`dict`, *optional*): Final validation metrics.
+    """
     template = MODEL_CARD_TEMPLATE.read_text()
     losses = ["cross-entropy" + (f" + {args.dice_weight} x Dice" if args.dice_weight else "")]
     if args.ube_weight:
@@ -273,6 +304,11 @@ def write_model_card(args, repo_id, validation_metrics):
 
 
 def main(args):
+    """Trains a segmenter.
+
+    Args:
+        args (`argparse.Namespace`): From [`parse_args`].
+    """
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir))
     accelerator = Accelerator(

@@ -1,0 +1,865 @@
+"""Step 4 of the workflow: labeled synthetic datasets from source label maps and uncertainty maps.
+
+The reusable parts of `examples/generate_synthetic_dataset.py`:
+
+* **Work items and seeds.** Every sample is a work item `(label_id, sample_index)` with its own seed,
+  [`sample_seed`]`(seed, label_id, sample_index)`. The seed alone fixes the initial noise and the uncertainty map a
+  sample gets, so a sample does not depend on which batch or process generated it.
+* **Shards.** Work items are cut, in order, into shards of `batch_size` items ([`plan_shards`]); one shard is one
+  pipeline call and one parquet file with a deterministic name (`data/shard-00003-of-00012.parquet`). Shards are
+  written to a temporary name and renamed ([`write_shard`]), so a file with the final name is always complete; an
+  interrupted run resumes by skipping them. Under several processes the pending shards are dealt out round-robin
+  ([`shards_for_process`]): no duplicates, no gaps, and the same shard has the same content whatever the number of
+  processes.
+* **Label sources** ([`FolderLabelSource`], [`DatasetLabelSource`]) and **uncertainty sources**
+  ([`ConstantUncertainty`], [`UncertaintyBank`]), validated before any generation.
+* **Merging** ([`merge_shards`]): the shards become one `datasets` dataset saved with `save_to_disk` in the output
+  folder, loadable with `datasets.load_from_disk(output_dir)`.
+
+On-disk format of a sample (the columns of [`dataset_features`]): `image` (RGB PNG), `label` (integer PNG: 8-bit when
+every value fits, else 16-bit), `uncertainty` (16-bit grey PNG, value `round(u * 65535)`), `source_label_id`,
+`source_label_name`, `sample_index`, `seed`, `uncertainty_source` and the generation settings. Uncertainty maps are
+quantised to 16 bits *before* generation, so the stored map is exactly the one the image was generated from.
+"""
+
+import io
+import json
+import math
+import os
+import random
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .conditioning import prepare_uncertainty_map
+from .training.data import list_images, load_label, load_uncertainty
+
+
+UNCERTAINTY_BANK_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".parquet"
+TEMP_SUFFIX = ".tmp"
+UNCERTAINTY_LEVELS = 65535  # 16-bit storage of uncertainty maps
+
+
+# -------------------------------------------------------------------------------------------- seeds and work
+@dataclass(frozen=True)
+class WorkItem:
+    r"""
+    One sample to generate.
+
+    Args:
+        label_id (`int`):
+            Index of the source label map in the label source.
+        sample_index (`int`):
+            Index of this sample among the samples of that label map.
+        seed (`int`):
+            The sample's own seed (see [`sample_seed`]).
+    """
+
+    label_id: int
+    sample_index: int
+    seed: int
+
+
+def sample_seed(seed: int, label_id: int, sample_index: int) -> int:
+    r"""
+    The seed of one sample, derived deterministically from the run's seed, the label map and the sample index with
+    numpy's `SeedSequence` (well-mixed: neighbouring samples get unrelated seeds).
+
+    Args:
+        seed (`int`):
+            The run's `--seed` (non-negative).
+        label_id (`int`):
+            Index of the source label map.
+        sample_index (`int`):
+            Index of the sample for that label map.
+
+    Returns:
+        `int`: a seed in `[0, 2**63)` (fits the int64 `seed` column and `torch.Generator.manual_seed`).
+    """
+    for name, value in (("seed", seed), ("label_id", label_id), ("sample_index", sample_index)):
+        if value < 0:
+            raise ValueError(f"`{name}` must be non-negative, but got {value}.")
+    state = np.random.SeedSequence([seed, label_id, sample_index]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def plan_work_items(num_labels: int, samples_per_label: int, seed: int) -> list[WorkItem]:
+    r"""
+    All work items of a run, label map by label map: `(0, 0), (0, 1), ..., (1, 0), ...`.
+
+    Args:
+        num_labels (`int`):
+            Number of source label maps.
+        samples_per_label (`int`):
+            Samples generated from each label map.
+        seed (`int`):
+            The run's seed.
+    """
+    if num_labels < 1:
+        raise ValueError(f"`num_labels` must be at least 1, but got {num_labels}.")
+    if samples_per_label < 1:
+        raise ValueError(f"`samples_per_label` must be at least 1, but got {samples_per_label}.")
+    return [
+        WorkItem(label_id, index, sample_seed(seed, label_id, index))
+        for label_id in range(num_labels)
+        for index in range(samples_per_label)
+    ]
+
+
+def plan_shards(work_items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    r"""
+    Cut the work items, in order, into shards of `batch_size` items (the last one may be smaller). Shard `k` always
+    holds items `k * batch_size` to `(k + 1) * batch_size - 1`.
+
+    Args:
+        work_items (`list[WorkItem]`):
+            From [`plan_work_items`].
+        batch_size (`int`):
+            Items per shard, i.e. images per pipeline call.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1, but got {batch_size}.")
+    return [work_items[start : start + batch_size] for start in range(0, len(work_items), batch_size)]
+
+
+def shard_filename(shard_index: int, num_shards: int) -> str:
+    r"""
+    The deterministic file name of a shard, e.g. `shard-00003-of-00012.parquet`.
+
+    Args:
+        shard_index (`int`):
+            Index of the shard.
+        num_shards (`int`):
+            Number of shards of the run.
+    """
+    return f"{SHARD_PREFIX}{shard_index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
+
+
+def completed_shards(shard_dir: str | os.PathLike, num_shards: int) -> set[int]:
+    r"""
+    Indices of the shards of a run of `num_shards` shards that exist (completely written) in `shard_dir`.
+
+    Args:
+        shard_dir (`str` or `os.PathLike`):
+            The folder of shards.
+        num_shards (`int`):
+            Number of shards of the run.
+    """
+    return {index for index in range(num_shards) if os.path.isfile(os.path.join(shard_dir, shard_filename(index, num_shards)))}
+
+
+def remove_temporary_shards(shard_dir: str | os.PathLike) -> list[str]:
+    r"""
+    Delete half-written shards (temporary files left by an interrupted run). Call it on one process, while no other
+    process writes.
+
+    Args:
+        shard_dir (`str` or `os.PathLike`):
+            The folder of shards.
+
+    Returns:
+        `list[str]`: the removed file names.
+    """
+    if not os.path.isdir(shard_dir):
+        return []
+    removed = sorted(name for name in os.listdir(shard_dir) if name.endswith(TEMP_SUFFIX))
+    for name in removed:
+        os.remove(os.path.join(shard_dir, name))
+    return removed
+
+
+def shards_for_process(pending: list[int], process_index: int, num_processes: int) -> list[int]:
+    r"""
+    The shards one process generates: the pending shards dealt out round-robin. Over all processes every pending
+    shard is generated exactly once.
+
+    Args:
+        pending (`list[int]`):
+            Indices of the shards still to generate, in order (the same list on every process).
+        process_index (`int`):
+            This process's rank.
+        num_processes (`int`):
+            Number of processes.
+    """
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"`process_index` must be in [0, {num_processes}), but got {process_index}.")
+    return list(pending[process_index::num_processes])
+
+
+# ------------------------------------------------------------------------------------------- label sources
+def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int | None, name: str) -> None:
+    r"""
+    Raise a `ValueError` if `label` holds values the controlnet cannot take: outside `[0, num_classes)` and not
+    `ignore_index`.
+
+    Args:
+        label (`np.ndarray`):
+            Integer label map.
+        num_classes (`int`):
+            The controlnet's `semantic_channels`.
+        ignore_index (`int`, *optional*):
+            The controlnet's `ignore_index`.
+        name (`str`):
+            The label map's name, for the message.
+    """
+    valid = (label >= 0) & (label < num_classes)
+    if ignore_index is not None:
+        valid |= label == ignore_index
+    if not valid.all():
+        bad = np.unique(label[~valid])[:10].tolist()
+        allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        raise ValueError(
+            f"Label map {name} has values {bad}, but the controlnet takes values in {allowed} (its config's "
+            "`semantic_channels` and `ignore_index`)."
+        )
+
+
+class _LabelSource:
+    """Shared behaviour of the label sources: a sequence of named integer label maps."""
+
+    argument = "label source"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _load(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def load(self, index: int) -> np.ndarray:
+        r"""
+        The label map `index` as an `(H, W)` int64 array.
+
+        Args:
+            index (`int`):
+                Index of the label map.
+        """
+        return self._load(index)
+
+    def select(self, max_labels: int | None):
+        r"""
+        Keep only the first `max_labels` label maps (all when `None`). Label ids, and so seeds, of the kept maps do
+        not change.
+
+        Args:
+            max_labels (`int`, *optional*):
+                Maximum number of label maps.
+        """
+        if max_labels is not None:
+            if max_labels < 1:
+                raise ValueError(f"`--max_labels` must be at least 1, but got {max_labels}.")
+            self._limit = min(max_labels, len(self))
+        return self
+
+    def validate(self, num_classes: int, ignore_index: int | None, show_progress: bool = True) -> None:
+        r"""
+        Read every label map once and check its values against the controlnet (raises before any generation).
+
+        Args:
+            num_classes (`int`):
+                The controlnet's `semantic_channels`.
+            ignore_index (`int`, *optional*):
+                The controlnet's `ignore_index`.
+            show_progress (`bool`, defaults to `True`):
+                Show a tqdm progress bar.
+        """
+        for index in tqdm(range(len(self)), desc="Checking label maps", disable=not show_progress):
+            check_label_values(self.load(index), num_classes, ignore_index, self.name(index))
+
+
+class FolderLabelSource(_LabelSource):
+    r"""
+    Integer label maps (8-bit or 16-bit PNGs, mode `"L"`, `"P"`, `"I"` or `"I;16"`) in a folder, searched
+    recursively and sorted by relative path; the label id of a map is its position in that order. If the folder has a
+    `labels/` sub-folder (the layout of the training folders: `images/` + `labels/`), that sub-folder is used.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder.
+        argument (`str`, defaults to `"--label_dir"`):
+            Name used in error messages.
+    """
+
+    def __init__(self, folder: str | os.PathLike, argument: str = "--label_dir"):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"`{argument}` must be a folder of integer label PNGs, but {folder} is not a folder.")
+        if (folder / "labels").is_dir():
+            folder = folder / "labels"
+        self.folder = folder
+        self.argument = argument
+        self.files = list_images(folder)
+        if not self.files:
+            raise ValueError(f"`{argument}`: expected integer label PNGs in {folder}, but found no image files.")
+        self._limit = len(self.files)
+
+    def __len__(self) -> int:
+        return self._limit
+
+    def name(self, index: int) -> str:
+        return self.files[index].as_posix()
+
+    def _load(self, index: int) -> np.ndarray:
+        return load_label(str(self.folder / self.files[index]), name=str(self.folder / self.files[index]))
+
+
+class DatasetLabelSource(_LabelSource):
+    r"""
+    The label column of a `datasets.Dataset` (integer PNG images, integer arrays or nested lists); the label id of a
+    map is its row index.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            One split of a dataset.
+        label_column (`str`):
+            The column of the label maps.
+        description (`str`, defaults to `"--dataset_name"`):
+            Name used in error messages and label names.
+    """
+
+    def __init__(self, dataset, label_column: str, description: str = "--dataset_name"):
+        if label_column not in dataset.column_names:
+            raise ValueError(
+                f"`--label_column` value {label_column!r} not found in the columns of {description}: "
+                f"{', '.join(dataset.column_names)}."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"`--dataset_name`: {description} has no rows.")
+        # Only the label column is read: images of the source data are not needed to generate.
+        self.dataset = dataset.select_columns([label_column])
+        self.label_column = label_column
+        self.description = description
+        self._limit = len(dataset)
+
+    def __len__(self) -> int:
+        return self._limit
+
+    def name(self, index: int) -> str:
+        return f"{self.description}[{index}]"
+
+    def _load(self, index: int) -> np.ndarray:
+        return load_label(self.dataset[index][self.label_column], name=self.name(index))
+
+
+def load_dataset_label_source(dataset_name: str, label_column: str = "label", split: str = "train", config_name=None):
+    r"""
+    Open a `datasets` dataset as a [`DatasetLabelSource`]: a folder written by `save_to_disk` is read with
+    `datasets.load_from_disk`, anything else with `datasets.load_dataset` (a Hub id or a local data folder).
+
+    Args:
+        dataset_name (`str`):
+            The `--dataset_name` value.
+        label_column (`str`, defaults to `"label"`):
+            Column of the label maps.
+        split (`str`, defaults to `"train"`):
+            The split to use (for a `DatasetDict`).
+        config_name (`str`, *optional*):
+            Configuration of a Hub dataset.
+    """
+    import datasets
+
+    saved = os.path.isdir(dataset_name) and any(
+        os.path.isfile(os.path.join(dataset_name, name)) for name in ("state.json", "dataset_dict.json")
+    )
+    if saved:
+        dataset = datasets.load_from_disk(dataset_name)
+    else:
+        dataset = datasets.load_dataset(dataset_name, config_name)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"`--dataset_split` {split!r} not found in {dataset_name}: splits are {list(dataset)}.")
+        dataset = dataset[split]
+    return DatasetLabelSource(dataset, label_column, description=dataset_name)
+
+
+def resize_label_map(label: np.ndarray, height: int, width: int) -> torch.Tensor:
+    r"""
+    Resize an integer label map to `(height, width)` with nearest-neighbour, exactly as the pipeline does
+    (`prepare_semantic_map`: `nearest-exact`), so the stored label is the one the image was generated from.
+
+    Args:
+        label (`np.ndarray`):
+            `(H, W)` integer label map.
+        height (`int`), width (`int`):
+            Output size.
+
+    Returns:
+        `torch.Tensor`: `(height, width)` int64.
+    """
+    label = torch.from_numpy(np.asarray(label, dtype=np.int64))
+    if tuple(label.shape) == (height, width):
+        return label
+    return F.interpolate(label[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0].long()
+
+
+# ------------------------------------------------------------------------------------- uncertainty sources
+def quantize_uncertainty(maps: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    r"""
+    Quantise uncertainty maps in [0, 1] to 16 bits.
+
+    Args:
+        maps (`torch.Tensor`):
+            Float maps in [0, 1], any shape.
+
+    Returns:
+        `tuple(torch.Tensor, np.ndarray)`: the float32 maps after quantisation (`q / 65535`, the value a 16-bit PNG
+        decodes to) and the uint16 codes `q = round(u * 65535)`.
+    """
+    codes = torch.round(maps.float() * UNCERTAINTY_LEVELS).to(torch.int64).numpy().astype(np.uint16)
+    return torch.from_numpy(codes.astype(np.float32) / np.float32(UNCERTAINTY_LEVELS)), codes
+
+
+class ConstantUncertainty:
+    r"""
+    The same uncertainty level everywhere, for every sample (`--uncertainty_level`).
+
+    Args:
+        level (`float`):
+            The level, in [0, 1].
+        argument (`str`, defaults to `"--uncertainty_level"`):
+            Name used in error messages.
+    """
+
+    def __init__(self, level: float, argument: str = "--uncertainty_level"):
+        if not 0.0 <= float(level) <= 1.0:  # also rejects NaN
+            raise ValueError(f"`{argument}` must lie in [0, 1], but got {level}.")
+        self.level = float(level)
+
+    def __len__(self) -> int:
+        return 1
+
+    def describe(self) -> str:
+        return f"constant level {self.level}"
+
+    def get(self, seed: int, height: int, width: int) -> tuple[torch.Tensor, str]:
+        r"""
+        The map of a sample.
+
+        Args:
+            seed (`int`):
+                The sample's seed (unused: the map is constant).
+            height (`int`), width (`int`):
+                Map size.
+
+        Returns:
+            `tuple(torch.Tensor, str)`: the `(1, height, width)` float map and its description.
+        """
+        return torch.full((1, height, width), self.level, dtype=torch.float32), f"level:{self.level}"
+
+
+class UncertaintyBank:
+    r"""
+    Real uncertainty maps (e.g. of the target images, from `examples/compute_uncertainty.py`), one drawn at random
+    per sample from the sample's seed (`--uncertainty_bank`), optionally multiplied by `scale`
+    (`--uncertainty_scale`). Maps are 8-bit PNGs (divided by 255), 16-bit PNGs (divided by 65535) or float `.npy`
+    arrays in [0, 1], searched recursively and sorted by relative path. Every map is read and checked when the bank is
+    built: a scaled value outside [0, 1] is an error, never clipped.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder of maps.
+        scale (`float`, defaults to 1.0):
+            Factor applied to every map.
+        argument (`str`, defaults to `"--uncertainty_bank"`):
+            Name used in error messages.
+        show_progress (`bool`, defaults to `True`):
+            Show a tqdm progress bar while checking.
+        cache_size (`int`, defaults to 64):
+            Number of decoded maps kept in memory.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        scale: float = 1.0,
+        argument: str = "--uncertainty_bank",
+        show_progress: bool = True,
+        cache_size: int = 64,
+    ):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"`{argument}` must be a folder of uncertainty maps, but {folder} is not a folder.")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"`--uncertainty_scale` must be a positive number, but got {scale}.")
+        self.folder = folder
+        self.scale = float(scale)
+        self.files = sorted(
+            path.relative_to(folder)
+            for path in folder.rglob("*")
+            if path.is_file() and path.suffix.lower() in UNCERTAINTY_BANK_EXTENSIONS
+        )
+        if not self.files:
+            raise ValueError(
+                f"`{argument}`: expected uncertainty maps ({', '.join(UNCERTAINTY_BANK_EXTENSIONS)}) in {folder}, "
+                "but found none."
+            )
+        self._cache = OrderedDict()
+        self._cache_size = cache_size
+        for index in tqdm(range(len(self.files)), desc="Checking uncertainty maps", disable=not show_progress):
+            uncertainty = self._read(index)
+            high = float(uncertainty.max())
+            if high > 1.0:
+                raise ValueError(
+                    f"`--uncertainty_scale` {self.scale} takes the uncertainty map {folder / self.files[index]} above 1 "
+                    f"(its maximum becomes {high:.4f}): scaled maps must stay in [0, 1]. Use a smaller scale."
+                )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> str:
+        scaled = f", scaled by {self.scale}" if self.scale != 1.0 else ""
+        return f"bank of {len(self)} maps in {self.folder}{scaled}"
+
+    def _read(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        path = self.folder / self.files[index]
+        uncertainty = load_uncertainty(str(path), name=str(path)) * np.float32(self.scale)
+        self._cache[index] = uncertainty
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return uncertainty
+
+    def pick(self, seed: int) -> int:
+        r"""
+        Index of the map a sample gets: uniform over the bank, drawn from the sample's seed.
+
+        Args:
+            seed (`int`):
+                The sample's seed.
+        """
+        return random.Random(seed).randrange(len(self.files))
+
+    def get(self, seed: int, height: int, width: int) -> tuple[torch.Tensor, str]:
+        r"""
+        The map of a sample, resized as the pipeline resizes maps (bilinear, antialiased when shrinking).
+
+        Args:
+            seed (`int`):
+                The sample's seed.
+            height (`int`), width (`int`):
+                Map size.
+
+        Returns:
+            `tuple(torch.Tensor, str)`: the `(1, height, width)` float map and `"bank:<relative path>"`.
+        """
+        index = self.pick(seed)
+        maps = prepare_uncertainty_map(self._read(index), 1, height, width, argument=str(self.folder / self.files[index]))
+        return maps[0], f"bank:{self.files[index].as_posix()}"
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def dataset_features():
+    r"""
+    The `datasets.Features` of a generated dataset: `image`, `label` and `uncertainty` are `datasets.Image` columns
+    (PNG bytes), the rest metadata and settings.
+    """
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.Image(),
+            "uncertainty": datasets.Image(),
+            "source_label_id": datasets.Value("int64"),
+            "source_label_name": datasets.Value("string"),
+            "sample_index": datasets.Value("int64"),
+            "seed": datasets.Value("int64"),
+            "uncertainty_source": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "num_inference_steps": datasets.Value("int32"),
+            "guidance_scale": datasets.Value("float32"),
+            "semantic_conditioning_scale": datasets.Value("float32"),
+            "uncertainty_conditioning_scale": datasets.Value("float32"),
+        }
+    )
+
+
+def encode_png(image: PIL.Image.Image | np.ndarray) -> dict:
+    r"""
+    Encode an image losslessly as PNG, in the form a `datasets.Image` column stores (`{"bytes", "path"}`). Encoding
+    here, not in `datasets`, keeps 16-bit maps as 16-bit PNGs (`datasets` would pick TIFF for them).
+
+    Args:
+        image (`PIL.Image.Image` or `np.ndarray`):
+            An image, a uint8/uint16 `(H, W)` array or a uint8 `(H, W, 3)` array.
+    """
+    if isinstance(image, np.ndarray):
+        image = PIL.Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def encode_label(label: np.ndarray) -> dict:
+    r"""
+    Encode an integer label map as an 8-bit PNG when all values are in [0, 255], else a 16-bit PNG.
+
+    Args:
+        label (`np.ndarray`):
+            `(H, W)` integer label map with values in [0, 65535].
+    """
+    low, high = int(label.min()), int(label.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"Label maps are stored as 8/16-bit PNGs: values must be in [0, 65535], but got [{low}, {high}].")
+    return encode_png(label.astype(np.uint8 if high <= 255 else np.uint16))
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_batch(
+    pipeline,
+    items: list[WorkItem],
+    labels: torch.Tensor,
+    uncertainty: torch.Tensor,
+    prompt: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    semantic_conditioning_scale: float = 1.0,
+    uncertainty_conditioning_scale: float = 1.0,
+):
+    r"""
+    Generate one batch of samples with a single pipeline call: one generator per image, seeded with the image's own
+    seed (on the CPU, so noise is the same on any device), so image `i` depends on `items[i]` only.
+
+    Args:
+        pipeline ([`StableDiffusionDualControlPipeline`]):
+            The pipeline.
+        items (`list[WorkItem]`):
+            The samples of the batch.
+        labels (`torch.Tensor`):
+            `(B, H, W)` int64 label maps at the output size.
+        uncertainty (`torch.Tensor`):
+            `(B, 1, H, W)` float32 uncertainty maps at the output size.
+        prompt (`str`):
+            The prompt, shared by the batch.
+        num_inference_steps (`int`), guidance_scale (`float`), semantic_conditioning_scale (`float`),
+        uncertainty_conditioning_scale (`float`):
+            Passed to the pipeline.
+
+    Returns:
+        `tuple(list[PIL.Image.Image], np.ndarray)`: the images and the `(B, H, W)` label maps the pipeline returns
+        aligned with them.
+    """
+    if not (len(items) == labels.shape[0] == uncertainty.shape[0]):
+        raise ValueError(
+            f"`items`, `labels` and `uncertainty` must have the same batch size, but got {len(items)}, "
+            f"{labels.shape[0]} and {uncertainty.shape[0]}."
+        )
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+    output = pipeline(
+        prompt,
+        semantic_map=labels,
+        uncertainty_map=uncertainty,
+        height=labels.shape[1],
+        width=labels.shape[2],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        semantic_conditioning_scale=semantic_conditioning_scale,
+        uncertainty_conditioning_scale=uncertainty_conditioning_scale,
+        output_type="pil",
+    )
+    return output.images, output.semantic_maps
+
+
+class SampleMaps:
+    r"""
+    The conditions of work items: resized label maps (decoded once per label map and cached) and per-sample
+    uncertainty maps quantised to 16 bits.
+
+    Args:
+        label_source:
+            A [`FolderLabelSource`] or [`DatasetLabelSource`].
+        uncertainty_source:
+            A [`ConstantUncertainty`] or [`UncertaintyBank`].
+        height (`int`), width (`int`):
+            Output size.
+        cache_size (`int`, defaults to 256):
+            Number of resized label maps kept in memory.
+    """
+
+    def __init__(self, label_source, uncertainty_source, height: int, width: int, cache_size: int = 256):
+        self.label_source = label_source
+        self.uncertainty_source = uncertainty_source
+        self.height, self.width = height, width
+        self._labels = OrderedDict()
+        self._cache_size = cache_size
+
+    def label(self, label_id: int) -> torch.Tensor:
+        if label_id in self._labels:
+            self._labels.move_to_end(label_id)
+            return self._labels[label_id]
+        label = resize_label_map(self.label_source.load(label_id), self.height, self.width)
+        self._labels[label_id] = label
+        if len(self._labels) > self._cache_size:
+            self._labels.popitem(last=False)
+        return label
+
+    def batch(self, items: list[WorkItem]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
+        r"""
+        Stack the conditions of a batch.
+
+        Args:
+            items (`list[WorkItem]`):
+                The samples.
+
+        Returns:
+            `tuple`: label maps `(B, H, W)` int64, uncertainty maps `(B, 1, H, W)` float32 (quantised), their uint16
+            codes `(B, H, W)` and the description of each uncertainty map.
+        """
+        labels = torch.stack([self.label(item.label_id) for item in items])
+        maps, sources = zip(*(self.uncertainty_source.get(item.seed, self.height, self.width) for item in items))
+        uncertainty, codes = quantize_uncertainty(torch.stack(maps))
+        return labels, uncertainty, codes[:, 0], list(sources)
+
+
+def shard_columns(
+    items: list[WorkItem],
+    images: list[PIL.Image.Image],
+    labels: np.ndarray,
+    uncertainty_codes: np.ndarray,
+    uncertainty_sources: list[str],
+    label_names: list[str],
+    settings: dict,
+) -> dict:
+    r"""
+    The columns of one shard (see [`dataset_features`]); images and maps are PNG-encoded here.
+
+    Args:
+        items (`list[WorkItem]`):
+            The samples.
+        images (`list[PIL.Image.Image]`):
+            Generated images.
+        labels (`np.ndarray`):
+            `(B, H, W)` label maps aligned with the images.
+        uncertainty_codes (`np.ndarray`):
+            `(B, H, W)` uint16 uncertainty maps (see [`quantize_uncertainty`]).
+        uncertainty_sources (`list[str]`):
+            Where each uncertainty map comes from.
+        label_names (`list[str]`):
+            Name of each sample's source label map.
+        settings (`dict`):
+            `prompt`, `num_inference_steps`, `guidance_scale`, `semantic_conditioning_scale`,
+            `uncertainty_conditioning_scale`: repeated on every row.
+    """
+    count = len(items)
+    columns = {
+        "image": [encode_png(image.convert("RGB")) for image in images],
+        "label": [encode_label(np.asarray(label)) for label in labels],
+        "uncertainty": [encode_png(code) for code in uncertainty_codes],
+        "source_label_id": [item.label_id for item in items],
+        "source_label_name": list(label_names),
+        "sample_index": [item.sample_index for item in items],
+        "seed": [item.seed for item in items],
+        "uncertainty_source": list(uncertainty_sources),
+    }
+    for key in (
+        "prompt",
+        "num_inference_steps",
+        "guidance_scale",
+        "semantic_conditioning_scale",
+        "uncertainty_conditioning_scale",
+    ):
+        columns[key] = [settings[key]] * count
+    return columns
+
+
+# ------------------------------------------------------------------------------------------ shards on disk
+def write_shard(columns: dict, path: str | os.PathLike) -> None:
+    r"""
+    Write one shard as a parquet file, atomically: to `<path>.tmp` first, then renamed, so a file named `path` is
+    always complete (a crash leaves at most a `.tmp` file, which [`remove_temporary_shards`] deletes).
+
+    Args:
+        columns (`dict`):
+            From [`shard_columns`].
+        path (`str` or `os.PathLike`):
+            The shard's final path.
+    """
+    import datasets
+
+    path = str(path)
+    temporary = path + TEMP_SUFFIX
+    dataset = datasets.Dataset.from_dict(columns, features=dataset_features())
+    dataset.to_parquet(temporary)
+    os.replace(temporary, path)
+
+
+def merge_shards(shard_paths: list[str | os.PathLike], output_dir: str | os.PathLike, cache_dir=None):
+    r"""
+    Merge complete shards, in the given order, into one dataset saved with `save_to_disk` in `output_dir` (next to
+    any other files there), loadable with `datasets.load_from_disk(output_dir)`. The dataset is saved to a temporary
+    folder first and its files moved in, `state.json` last; files of an earlier merge are replaced.
+
+    Args:
+        shard_paths (`list`):
+            Parquet shards, in order.
+        output_dir (`str` or `os.PathLike`):
+            Where the dataset goes.
+        cache_dir (`str`, *optional*):
+            `datasets` cache for reading the shards; a temporary folder in `output_dir`, removed afterwards, when
+            `None`.
+
+    Returns:
+        `datasets.Dataset`: the merged dataset, loaded back from `output_dir`.
+    """
+    import datasets
+
+    if not shard_paths:
+        raise ValueError("`shard_paths` is empty: there is nothing to merge.")
+    output_dir = str(output_dir)
+    staging = os.path.join(output_dir, ".merge.tmp")
+    own_cache = cache_dir is None
+    cache_dir = cache_dir or os.path.join(output_dir, ".merge-cache.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        # The parquet files carry their `datasets` features (Image columns) in their schema metadata.
+        merged = datasets.Dataset.from_parquet([str(path) for path in shard_paths], cache_dir=cache_dir)
+        merged.save_to_disk(staging)
+        del merged
+        # Replace the previous merge: remove its markers first, so no mix of old and new files is ever loadable.
+        for name in ("state.json", "dataset_info.json"):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+        for name in os.listdir(output_dir):
+            if name.startswith("data-") and name.endswith(".arrow"):
+                os.remove(os.path.join(output_dir, name))
+        new_files = sorted(os.listdir(staging), key=lambda name: (name == "state.json", name == "dataset_info.json"))
+        for name in new_files:
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if own_cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return datasets.load_from_disk(output_dir)
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
+    r"""
+    Write a JSON file atomically (temporary file, then rename).
+
+    Args:
+        data (`dict`):
+            JSON-serialisable data.
+        path (`str` or `os.PathLike`):
+            Destination.
+    """
+    temporary = str(path) + TEMP_SUFFIX
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)

@@ -1,0 +1,419 @@
+#!/usr/bin/env python
+# coding=utf-8
+# Licensed under the Apache License, Version 2.0.
+"""Generate a labeled, target-like synthetic dataset with a trained dual-control ControlNet (step 4 of DESIGN.md).
+
+For every source label map y and every sample index, draw an uncertainty map u (from a bank of real target maps, a
+constant level, or a scaled bank map) and generate x' = G(y, u); (x', y) is a labeled sample. The result is a
+`datasets` dataset saved in `--output_dir` (`datasets.load_from_disk(output_dir)`, the format
+`examples/train_segmentation.py --synthetic_data_dir` reads), plus the same rows as parquet files in
+`output_dir/data/` (the Hub layout) and a dataset card.
+
+    accelerate launch examples/generate_synthetic_dataset.py \
+        --pretrained_model_name_or_path path/to/pipeline-with-uncertainty-controlnet \
+        --label_dir ../shared/data/camvid_daydusk/source/train/labels \
+        --uncertainty_bank maps/target/train --samples_per_label 4 --prompt "a street scene at dusk" \
+        --resolution 240 320 --batch_size 8 --output_dir camvid-dusk-synthetic
+
+Work is split in shards of `--batch_size` samples (one pipeline call, one parquet file each), dealt out over the
+processes of `accelerate launch --num_processes N`; every sample has its own seed, so the dataset does not depend on
+the number of processes. `--resume` continues an interrupted run. The set-up (argument names, Accelerator, logging,
+Hub upload) follows diffusers' example scripts, e.g. `examples/controlnet/train_controlnet.py`; see
+`docs/synthesis.md` for every flag.
+"""
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from huggingface_hub import create_repo, upload_folder
+from tqdm.auto import tqdm
+
+import diffusers
+from diffusers_uncertainty import StableDiffusionDualControlPipeline, UncertaintyControlNetModel
+from diffusers_uncertainty.synthesis import (
+    ConstantUncertainty,
+    FolderLabelSource,
+    SampleMaps,
+    UncertaintyBank,
+    completed_shards,
+    generate_batch,
+    load_dataset_label_source,
+    merge_shards,
+    plan_shards,
+    plan_work_items,
+    remove_temporary_shards,
+    shard_columns,
+    shard_filename,
+    shards_for_process,
+    write_json_atomic,
+    write_shard,
+)
+from diffusers_uncertainty.training import write_model_card
+
+
+logger = get_logger(__name__)
+
+DEFAULT_DATASET_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "dataset_card.md"
+SHARD_DIR = "data"
+CONFIG_NAME = "generation_config.json"
+# Arguments that decide the content of the dataset: a resumed run must use the same values.
+CONTENT_ARGUMENTS = (
+    "pretrained_model_name_or_path",
+    "controlnet_model_name_or_path",
+    "revision",
+    "variant",
+    "label_dir",
+    "dataset_name",
+    "dataset_config_name",
+    "dataset_split",
+    "label_column",
+    "max_labels",
+    "uncertainty_bank",
+    "uncertainty_level",
+    "uncertainty_scale",
+    "samples_per_label",
+    "num_inference_steps",
+    "guidance_scale",
+    "semantic_conditioning_scale",
+    "uncertainty_conditioning_scale",
+    "prompt",
+    "seed",
+    "batch_size",
+    "resolution",
+)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Generate a labeled synthetic dataset with a dual-control ControlNet.")
+    # Model.
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Folder or Hub id of a StableDiffusionDualControlPipeline (a base with an UncertaintyControlNetModel).",
+    )
+    parser.add_argument(
+        "--controlnet_model_name_or_path",
+        type=str,
+        default=None,
+        help="Folder or Hub id of a separately saved UncertaintyControlNetModel; replaces the pipeline's control.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the Hub models.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    # Label maps.
+    parser.add_argument(
+        "--label_dir",
+        type=str,
+        default=None,
+        help="Folder of integer label PNGs (searched recursively; a `labels/` sub-folder is used if present).",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` dataset with label maps: a folder saved with `save_to_disk`, or a Hub id / data folder.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of --dataset_name.")
+    parser.add_argument("--dataset_split", type=str, default="train", help="Split of --dataset_name.")
+    parser.add_argument("--label_column", type=str, default="label", help="Label-map column of --dataset_name.")
+    parser.add_argument("--max_labels", type=int, default=None, help="Use only the first N label maps.")
+    # Uncertainty.
+    parser.add_argument(
+        "--uncertainty_bank",
+        type=str,
+        default=None,
+        help="Folder of real uncertainty maps in [0, 1] (8/16-bit PNG or .npy); one is drawn per sample from its seed.",
+    )
+    parser.add_argument(
+        "--uncertainty_level", type=float, default=None, help="A constant uncertainty level in [0, 1] for every sample."
+    )
+    parser.add_argument(
+        "--uncertainty_scale",
+        type=float,
+        default=1.0,
+        help="Multiply the bank's maps by this factor; a scaled map leaving [0, 1] is an error (never clipped).",
+    )
+    # Generation.
+    parser.add_argument("--samples_per_label", type=int, default=1, help="Samples generated from each label map.")
+    parser.add_argument("--prompt", type=str, default="", help="The prompt of every sample.")
+    parser.add_argument("--num_inference_steps", type=int, default=30, help="Denoising steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    parser.add_argument("--semantic_conditioning_scale", type=float, default=1.0, help="Semantic control weight.")
+    parser.add_argument("--uncertainty_conditioning_scale", type=float, default=1.0, help="Uncertainty control weight.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the run; every sample derives its own from it.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call (and per shard).")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Output size: SIZE or HEIGHT WIDTH, divisible by 8 (label maps are resized with nearest-neighbour). "
+        "Defaults to the pipeline's default size.",
+    )
+    # Output.
+    parser.add_argument("--output_dir", type=str, required=True, help="Where the dataset is written.")
+    parser.add_argument("--resume", action="store_true", help="Continue an interrupted run in --output_dir.")
+    parser.add_argument(
+        "--max_shards",
+        type=int,
+        default=None,
+        help="Write at most N new shards in this run (all processes together), then stop; continue with --resume.",
+    )
+    parser.add_argument(
+        "--dataset_card_template",
+        type=str,
+        default=str(DEFAULT_DATASET_CARD_TEMPLATE),
+        help="Template of the dataset card written to output_dir/README.md.",
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the dataset to the Hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub dataset repository id (owner/name).")
+    parser.add_argument("--hub_token", type=str, default=None, help="Token for the Hub.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+
+    args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
+
+    # Every check that needs no model or data happens here, before anything is loaded.
+    if (args.label_dir is None) == (args.dataset_name is None):
+        raise ValueError("Pass exactly one of `--label_dir` and `--dataset_name` as the source of label maps.")
+    if (args.uncertainty_bank is None) == (args.uncertainty_level is None):
+        raise ValueError("Pass exactly one of `--uncertainty_bank` and `--uncertainty_level` as the uncertainty source.")
+    if args.uncertainty_level is not None and not 0.0 <= args.uncertainty_level <= 1.0:
+        raise ValueError(f"`--uncertainty_level` must lie in [0, 1], but got {args.uncertainty_level}.")
+    if args.uncertainty_scale != 1.0 and args.uncertainty_bank is None:
+        raise ValueError("`--uncertainty_scale` scales the maps of `--uncertainty_bank`; pass a bank to use it.")
+    if not args.uncertainty_scale > 0:
+        raise ValueError(f"`--uncertainty_scale` must be positive, but got {args.uncertainty_scale}.")
+    if args.resolution is not None:
+        if len(args.resolution) not in (1, 2):
+            raise ValueError(f"`--resolution` takes SIZE or HEIGHT WIDTH, but got {len(args.resolution)} values.")
+        if any(value <= 0 or value % 8 != 0 for value in args.resolution):
+            raise ValueError(f"`--resolution` values must be positive multiples of 8, but got {args.resolution}.")
+    for name in ("samples_per_label", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be at least 1, but got {getattr(args, name)}.")
+    for name in ("max_labels", "max_shards"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be at least 1, but got {getattr(args, name)}.")
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be non-negative, but got {args.seed}.")
+    if not os.path.isfile(args.dataset_card_template):
+        raise ValueError(f"`--dataset_card_template` must be a file, but {args.dataset_card_template} does not exist.")
+    return args
+
+
+def content_settings(args, num_labels: int, num_shards: int, height: int, width: int) -> dict:
+    """The settings that decide the dataset's content, as written to `generation_config.json`."""
+    settings = {name: getattr(args, name) for name in CONTENT_ARGUMENTS}
+    settings.update(num_labels=num_labels, num_shards=num_shards, height=height, width=width)
+    return settings
+
+
+def check_resume(args, settings: dict, config_path: str) -> None:
+    """Refuse to mix runs: an existing run needs --resume, and a resumed run the same settings."""
+    import json
+
+    shard_dir = os.path.join(args.output_dir, SHARD_DIR)
+    has_run = os.path.isfile(config_path) or (os.path.isdir(shard_dir) and any(os.scandir(shard_dir)))
+    if has_run and not args.resume:
+        raise ValueError(
+            f"`--output_dir` {args.output_dir} already holds a generation run; pass `--resume` to continue it, or "
+            "choose another `--output_dir`."
+        )
+    if args.resume and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            previous = json.load(handle)["settings"]
+        changed = {
+            key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value
+        }
+        if changed:
+            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+            raise ValueError(
+                f"`--resume`: the settings differ from the run in {args.output_dir} ({details}); resuming would mix "
+                "two datasets. Use the same settings, or another `--output_dir`."
+            )
+
+
+def write_dataset_card(args, dataset, settings: dict, pipeline, uncertainty_source) -> None:
+    controlnet_config = pipeline.controlnet.config
+    source = f"`{args.label_dir}` (folder)" if args.label_dir else f"`{args.dataset_name}` (column `{args.label_column}`)"
+    command = "accelerate launch examples/generate_synthetic_dataset.py " + shlex.join(sys.argv[1:])
+    table = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(settings.items()))
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    write_model_card(
+        args.dataset_card_template,
+        os.path.join(args.output_dir, "README.md"),
+        repo_id=repo_id,
+        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+        controlnet=args.controlnet_model_name_or_path or "the pipeline's own `controlnet`",
+        label_source=source,
+        num_labels=settings["num_labels"],
+        samples_per_label=args.samples_per_label,
+        num_samples=len(dataset),
+        num_classes=controlnet_config.semantic_channels,
+        ignore_index=controlnet_config.ignore_index,
+        uncertainty=uncertainty_source.describe(),
+        height=settings["height"],
+        width=settings["width"],
+        settings_table=table,
+        command=command,
+    )
+
+
+def main(args):
+    accelerator = Accelerator()
+
+    # Make one log on every process with the configuration for debugging (as diffusers' scripts do).
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    show_progress = accelerator.is_local_main_process
+    datasets.disable_progress_bars()  # one bar per shard write would drown the "Shards" bar
+
+    # Mixed precision from `accelerate launch --mixed_precision`, as in diffusers' scripts; fp32 by default.
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+
+    # 1. The pipeline.
+    kwargs = {"torch_dtype": weight_dtype, "revision": args.revision, "variant": args.variant}
+    if args.controlnet_model_name_or_path:
+        kwargs["controlnet"] = UncertaintyControlNetModel.from_pretrained(
+            args.controlnet_model_name_or_path, torch_dtype=weight_dtype, revision=args.revision
+        )
+    pipeline = StableDiffusionDualControlPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(accelerator.device)
+    num_classes = pipeline.controlnet.config.semantic_channels
+    ignore_index = pipeline.controlnet.config.ignore_index
+    if args.resolution is None:
+        height = width = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    else:
+        height, width = (args.resolution * 2)[:2]
+
+    # 2. Inputs, all checked before any generation (on every process, so all of them stop together).
+    if args.label_dir is not None:
+        label_source = FolderLabelSource(args.label_dir)
+    else:
+        label_source = load_dataset_label_source(
+            args.dataset_name, args.label_column, args.dataset_split, args.dataset_config_name
+        )
+    label_source.select(args.max_labels)
+    label_source.validate(num_classes, ignore_index, show_progress=show_progress)
+    if args.uncertainty_bank is not None:
+        uncertainty_source = UncertaintyBank(args.uncertainty_bank, args.uncertainty_scale, show_progress=show_progress)
+    else:
+        uncertainty_source = ConstantUncertainty(args.uncertainty_level)
+
+    # 3. Work items, shards and what is left of an earlier run.
+    work_items = plan_work_items(len(label_source), args.samples_per_label, args.seed)
+    shards = plan_shards(work_items, args.batch_size)
+    settings = content_settings(args, len(label_source), len(shards), height, width)
+    shard_dir = os.path.join(args.output_dir, SHARD_DIR)
+    config_path = os.path.join(args.output_dir, CONFIG_NAME)
+    check_resume(args, settings, config_path)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main process writes to it
+    if accelerator.is_main_process:
+        os.makedirs(shard_dir, exist_ok=True)
+        removed = remove_temporary_shards(shard_dir)
+        if removed:
+            logger.info(f"Removed {len(removed)} half-written shard(s) of an interrupted run: {removed}")
+        write_json_atomic({"settings": settings, "command": sys.argv}, config_path)
+    accelerator.wait_for_everyone()
+    done = completed_shards(shard_dir, len(shards))
+    accelerator.wait_for_everyone()  # every process has listed the finished shards before any new one appears
+    pending = [index for index in range(len(shards)) if index not in done]
+    if args.max_shards is not None:
+        pending = pending[: args.max_shards]
+    mine = shards_for_process(pending, accelerator.process_index, accelerator.num_processes)
+
+    logger.info("***** Generating *****")
+    logger.info(f"  Label maps = {len(label_source)} ({num_classes} classes, ignore_index {ignore_index})")
+    logger.info(f"  Uncertainty = {uncertainty_source.describe()}")
+    logger.info(f"  Samples = {len(work_items)} ({args.samples_per_label} per label map) at {height}x{width} (HxW)")
+    logger.info(f"  Shards = {len(shards)} of {args.batch_size} samples; done {len(done)}, this run {len(pending)}")
+    logger.info(f"  Processes = {accelerator.num_processes}")
+
+    # 4. Generate: one pipeline call and one parquet file per shard.
+    maps = SampleMaps(label_source, uncertainty_source, height, width)
+    generation = {
+        "prompt": args.prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "semantic_conditioning_scale": args.semantic_conditioning_scale,
+        "uncertainty_conditioning_scale": args.uncertainty_conditioning_scale,
+    }
+    for shard_index in tqdm(mine, desc="Shards", disable=not show_progress):
+        items = shards[shard_index]
+        labels, uncertainty, codes, uncertainty_sources = maps.batch(items)
+        images, aligned_labels = generate_batch(pipeline, items, labels, uncertainty, **generation)
+        columns = shard_columns(
+            items,
+            images,
+            aligned_labels,
+            codes,
+            uncertainty_sources,
+            [label_source.name(item.label_id) for item in items],
+            generation,
+        )
+        write_shard(columns, os.path.join(shard_dir, shard_filename(shard_index, len(shards))))
+    accelerator.wait_for_everyone()
+
+    # 5. Merge, card, upload (main process).
+    if accelerator.is_main_process:
+        finished = completed_shards(shard_dir, len(shards))
+        if len(finished) < len(shards):
+            logger.info(
+                f"Stopped after {len(finished)} of {len(shards)} shards (--max_shards); run again with --resume to "
+                "finish and merge."
+            )
+        else:
+            paths = [os.path.join(shard_dir, shard_filename(index, len(shards))) for index in range(len(shards))]
+            dataset = merge_shards(paths, args.output_dir)
+            write_dataset_card(args, dataset, settings, pipeline, uncertainty_source)
+            logger.info(f"Saved {len(dataset)} samples to {args.output_dir}: datasets.load_from_disk({args.output_dir!r})")
+            if args.push_to_hub:
+                repo_id = create_repo(
+                    repo_id=args.hub_model_id or Path(args.output_dir).name,
+                    repo_type="dataset",
+                    exist_ok=True,
+                    private=args.private,
+                    token=args.hub_token,
+                ).repo_id
+                upload_folder(
+                    repo_id=repo_id,
+                    repo_type="dataset",
+                    folder_path=args.output_dir,
+                    allow_patterns=["README.md", CONFIG_NAME, f"{SHARD_DIR}/*.parquet"],
+                    commit_message="Synthetic dataset generated with diffusers-uncertainty",
+                    token=args.hub_token,
+                )
+                logger.info(f"Pushed to https://huggingface.co/datasets/{repo_id}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    main(args)

@@ -99,10 +99,9 @@ def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class UncertaintyEstimator:
-    """Base class: call the estimator on a batch of images to get an [`UncertaintyOutput`].
-
-    Args:
-        name (`str`): Short name written in outputs.
+    """Base class: call the estimator on a batch of images to get an [`UncertaintyOutput`]. Subclasses implement
+    `_members_probs` (class probabilities of each pass / member) and [`~UncertaintyEstimator.map_from_probs`]; the
+    class attribute `name` is the short name written in outputs.
     """
 
     name = "base"

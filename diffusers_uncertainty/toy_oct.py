@@ -63,6 +63,12 @@ _DATASET_ENTRIES = ("source", "target", "README.md", "dataset_info.json")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of a 2-D float array with reflected borders (numpy only)."""
     if sigma <= 0:
@@ -240,12 +246,14 @@ def _save_png_atomically(array: np.ndarray, path: Path) -> None:
     """Write a PNG to a temporary file beside `path`, then rename it into place."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}-", suffix=".png", delete=False) as handle:
         PIL.Image.fromarray(array).save(handle, format="PNG")
+    os.chmod(handle.name, 0o666 & ~_umask())  # temporary files are private; give the usual permissions
     os.replace(handle.name, path)
 
 
 def _write_text_atomically(text: str, path: Path) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False, encoding="utf-8") as handle:
         handle.write(text)
+    os.chmod(handle.name, 0o666 & ~_umask())
     os.replace(handle.name, path)
 
 
@@ -373,6 +381,7 @@ def make_oct_dataset(
 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # it becomes `root` itself when `root` is new
     trash = None
     try:
         for split_name, count in info["splits"].items():

@@ -297,10 +297,10 @@ def main(args):
         weight_dtype = torch.bfloat16
 
     # 1. The pipeline.
-    kwargs = {"torch_dtype": weight_dtype, "revision": args.revision, "variant": args.variant}
+    kwargs = {"dtype": weight_dtype, "revision": args.revision, "variant": args.variant}
     if args.controlnet_model_name_or_path:
         kwargs["controlnet"] = UncertaintyControlNetModel.from_pretrained(
-            args.controlnet_model_name_or_path, torch_dtype=weight_dtype, revision=args.revision
+            args.controlnet_model_name_or_path, dtype=weight_dtype, revision=args.revision
         )
     pipeline = StableDiffusionDualControlPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     pipeline.set_progress_bar_config(disable=True)

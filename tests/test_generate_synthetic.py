@@ -1,0 +1,411 @@
+"""`examples/generate_synthetic_dataset.py` and `diffusers_uncertainty.synthesis` at tiny scale.
+
+The two `accelerate launch` runs (1 and 2 processes) are module fixtures shared by several tests; the other runs call
+the script's `main` in-process (faster, same code path), with one torch thread like the launched runs, so that their
+floating-point results are comparable.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_uncertainty import StableDiffusionDualControlPipeline, build_tiny_pipeline
+from diffusers_uncertainty.conditioning import prepare_semantic_map, prepare_uncertainty_map
+from diffusers_uncertainty.synthesis import (
+    plan_shards,
+    plan_work_items,
+    sample_seed,
+    shard_columns,
+    shard_filename,
+    shards_for_process,
+    write_shard,
+)
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "generate_synthetic_dataset.py"
+IGNORE_INDEX = 255
+NUM_LABELS, SAMPLES_PER_LABEL, BATCH_SIZE = 3, 3, 2  # 9 samples, 5 shards (the last one has 1 sample)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("generate_synthetic_dataset", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthesis")
+    build_tiny_pipeline(root / "pipeline", num_classes=4, ignore_index=IGNORE_INDEX)
+    rng = np.random.default_rng(0)
+    (root / "labels").mkdir()
+    for index in range(NUM_LABELS):
+        label = rng.integers(0, 4, size=(12, 20)).astype(np.uint8)  # not the output size: resized with nearest
+        label[:2, :3] = IGNORE_INDEX
+        PIL.Image.fromarray(label).save(root / "labels" / f"frame_{index}.png")
+    (root / "bank").mkdir()
+    np.save(root / "bank" / "a.npy", rng.uniform(0.0, 0.5, size=(10, 10)).astype(np.float32))
+    PIL.Image.fromarray((rng.uniform(0.0, 0.5, size=(24, 24)) * 65535).astype(np.uint16)).save(root / "bank" / "b.png")
+    PIL.Image.fromarray((rng.uniform(0.0, 0.5, size=(16, 16)) * 255).astype(np.uint8)).save(root / "bank" / "c.png")
+    (root / "empty").mkdir()
+    return root
+
+
+def base_args(workspace, output_dir, *extra):
+    return [
+        str(arg)
+        for arg in (
+            "--pretrained_model_name_or_path", workspace / "pipeline",
+            "--label_dir", workspace / "labels",
+            "--uncertainty_bank", workspace / "bank",
+            "--samples_per_label", SAMPLES_PER_LABEL,
+            "--num_inference_steps", 2,
+            "--guidance_scale", 2.0,
+            "--prompt", "a street at dusk",
+            "--resolution", 16,
+            "--seed", 7,
+            "--batch_size", BATCH_SIZE,
+            "--output_dir", output_dir,
+            *extra,
+        )
+    ]
+
+
+def accelerate_launch(args, num_processes):
+    launcher = Path(sys.executable).parent / "accelerate"
+    launcher = [str(launcher), "launch"] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    command = launcher + [
+        "--num_processes", str(num_processes), "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(SCRIPT), *args,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"generate_synthetic_dataset.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def one_process(workspace):
+    output_dir = workspace / "one_process"
+    log = accelerate_launch(base_args(workspace, output_dir), num_processes=1)
+    return {"dir": output_dir, "log": log}
+
+
+@pytest.fixture(scope="module")
+def two_processes(workspace):
+    output_dir = workspace / "two_processes"
+    log = accelerate_launch(base_args(workspace, output_dir), num_processes=2)
+    return {"dir": output_dir, "log": log}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows_by_key(dataset):
+    """{(source_label_id, sample_index): row with images as arrays}."""
+    rows = {}
+    for row in dataset:
+        key = (row["source_label_id"], row["sample_index"])
+        assert key not in rows, f"duplicate sample {key}"
+        rows[key] = {
+            **row,
+            "image": np.asarray(row["image"]),
+            "label": np.asarray(row["label"]),
+            "uncertainty": np.asarray(row["uncertainty"]),
+        }
+    return rows
+
+
+ALL_KEYS = {(label_id, index) for label_id in range(NUM_LABELS) for index in range(SAMPLES_PER_LABEL)}
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def test_shards_are_split_over_processes_without_duplicates_or_gaps():
+    items = plan_work_items(num_labels=5, samples_per_label=3, seed=0)
+    shards = plan_shards(items, batch_size=4)
+    assert [len(shard) for shard in shards] == [4, 4, 4, 3]
+    assert [item for shard in shards for item in shard] == items
+    for pending in (list(range(4)), [1, 3], [2]):
+        for num_processes in (1, 2, 3, 5):
+            assigned = [shards_for_process(pending, rank, num_processes) for rank in range(num_processes)]
+            flat = [index for part in assigned for index in part]
+            assert sorted(flat) == pending and len(set(flat)) == len(flat)
+    seeds = [item.seed for item in items]
+    assert len(set(seeds)) == len(seeds)
+    assert sample_seed(0, 2, 1) == sample_seed(0, 2, 1) != sample_seed(1, 2, 1)
+    assert shard_filename(3, 12) == "shard-00003-of-00012.parquet"
+
+
+def test_write_shard_never_leaves_a_half_written_shard(tmp_path, monkeypatch):
+    def failing_to_parquet(self, path, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PAR1 half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", failing_to_parquet)
+    path = tmp_path / shard_filename(0, 1)
+    items = plan_work_items(num_labels=1, samples_per_label=1, seed=0)
+    columns = shard_columns(
+        items,
+        [PIL.Image.new("RGB", (8, 8))],
+        np.zeros((1, 8, 8), dtype=np.int64),
+        np.zeros((1, 8, 8), dtype=np.uint16),
+        ["level:0.0"],
+        ["x.png"],
+        dict(prompt="", num_inference_steps=1, guidance_scale=1.0, semantic_conditioning_scale=1.0,
+             uncertainty_conditioning_scale=1.0),
+    )
+    with pytest.raises(OSError, match="disk full"):
+        write_shard(columns, path)
+    assert not path.exists()  # only the temporary file is there, and a resumed run deletes it
+    assert [p.name for p in tmp_path.iterdir()] == [path.name + ".tmp"]
+
+
+# ----------------------------------------------------------------------------------------- launched runs
+def test_two_processes_give_the_same_dataset_as_one(one_process, two_processes):
+    one = datasets.load_from_disk(str(one_process["dir"]))
+    two = datasets.load_from_disk(str(two_processes["dir"]))
+    assert len(one) == len(two) == len(ALL_KEYS)
+    rows_one, rows_two = rows_by_key(one), rows_by_key(two)
+    assert set(rows_one) == set(rows_two) == ALL_KEYS
+    for key in ALL_KEYS:
+        a, b = rows_one[key], rows_two[key]
+        assert a["seed"] == b["seed"]
+        assert a["uncertainty_source"] == b["uncertainty_source"]
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["uncertainty"], b["uncertainty"])
+        np.testing.assert_array_equal(a["image"], b["image"])  # same seed, same batch -> the same image
+    # 5 shards of at most 2 samples, in the Hub layout, and the parquet files hold the same rows.
+    shards = sorted(p.name for p in (one_process["dir"] / "data").iterdir())
+    assert shards == [shard_filename(index, 5) for index in range(5)]
+    parquet = datasets.load_dataset("parquet", data_files=str(one_process["dir"] / "data" / "*.parquet"), split="train")
+    assert parquet["seed"] == one["seed"] and parquet.features == one.features
+    # Different samples really differ (seeds and drawn maps are used).
+    images = [row["image"] for row in rows_one.values()]
+    assert len({image.tobytes() for image in images}) == len(images)
+    assert len({row["uncertainty_source"] for row in rows_one.values()}) > 1
+
+
+def test_columns_round_trip_exactly_and_reproduce_the_images(one_process, workspace, one_thread):
+    dataset = datasets.load_from_disk(str(one_process["dir"]))
+    assert dataset[0]["label"].mode == "L" and dataset[0]["uncertainty"].mode == "I;16"
+    pipeline = StableDiffusionDualControlPipeline.from_pretrained(workspace / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    for row in dataset.select([0, 4, 8]):
+        # The label column is the source map resized exactly as the pipeline conditions on it.
+        source = np.asarray(PIL.Image.open(workspace / "labels" / row["source_label_name"]))
+        _, expected_label = prepare_semantic_map(source, 4, 16, 16, ignore_index=IGNORE_INDEX)
+        np.testing.assert_array_equal(np.asarray(row["label"]), expected_label[0].numpy())
+        # The uncertainty column is the drawn bank map at the output size, to 16 bits.
+        assert row["uncertainty_source"].startswith("bank:")
+        bank_file = workspace / "bank" / row["uncertainty_source"][len("bank:") :]
+        raw = np.load(bank_file) if bank_file.suffix == ".npy" else PIL.Image.open(bank_file)
+        expected_map = prepare_uncertainty_map(raw, 1, 16, 16)[0, 0].numpy()
+        stored = np.asarray(row["uncertainty"]).astype(np.float32) / np.float32(65535)
+        np.testing.assert_allclose(stored, expected_map, atol=0.5 / 65535 + 1e-7)
+        # Seed + stored maps + settings regenerate the stored image (alone, not in its batch of 2: up to float
+        # rounding of a different batch size, i.e. at most one grey level).
+        image = pipeline(
+            row["prompt"],
+            semantic_map=np.asarray(row["label"]).astype(np.int64),
+            uncertainty_map=row["uncertainty"],
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"],
+            semantic_conditioning_scale=row["semantic_conditioning_scale"],
+            uncertainty_conditioning_scale=row["uncertainty_conditioning_scale"],
+            generator=[torch.Generator().manual_seed(row["seed"])],
+        ).images[0]
+        difference = np.abs(np.asarray(image).astype(int) - np.asarray(row["image"]).astype(int))
+        assert difference.max() <= 1
+
+
+def test_output_has_a_card_a_config_and_is_read_by_the_segmentation_trainer(one_process):
+    from diffusers_uncertainty.segmentation.data import load_segmentation_data
+
+    out = one_process["dir"]
+    card = (out / "README.md").read_text()
+    assert "9 samples: 3 label maps x 3 samples each, at 16x16 (HxW)" in card
+    assert "`semantic_channels` = 4, `ignore_index` = 255" in card
+    assert "| `guidance_scale` | `2.0` |" in card and "| `prompt` | `a street at dusk` |" in card
+    assert "path: data/*.parquet" in card and "$" not in card
+    assert (out / "generation_config.json").is_file()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    # What `examples/train_segmentation.py --synthetic_data_dir` does with the folder.
+    data = load_segmentation_data(str(out), 4, IGNORE_INDEX, argument="--synthetic_data_dir")
+    assert len(data) == 9
+
+
+# ------------------------------------------------------------------------------------ resume and batch size
+def test_interrupted_run_resumes_without_duplicates_and_batch_size_does_not_change_samples(
+    one_process, workspace, tmp_path, one_thread
+):
+    script = load_script()
+    output_dir = tmp_path / "resumed"
+    # batch size 4: 3 shards; stop after 1, as an interrupted run would.
+    script.main(script.parse_args(base_args(workspace, output_dir, "--batch_size", 4, "--max_shards", 1)))
+    assert sorted(p.name for p in (output_dir / "data").iterdir()) == [shard_filename(0, 3)]
+    assert not (output_dir / "state.json").exists()  # nothing loadable before every shard is there
+    first_shard = output_dir / "data" / shard_filename(0, 3)
+    first_stat = first_shard.stat()
+    # A crash in the middle of writing shard 1 leaves its temporary file.
+    (output_dir / "data" / (shard_filename(1, 3) + ".tmp")).write_bytes(b"PAR1 half-written")
+
+    with pytest.raises(ValueError, match="already holds a generation run; pass `--resume`"):
+        script.main(script.parse_args(base_args(workspace, output_dir, "--batch_size", 4)))
+    with pytest.raises(ValueError, match=r"settings differ .*batch_size: 4 -> 2"):
+        script.main(script.parse_args(base_args(workspace, output_dir, "--resume")))
+
+    script.main(script.parse_args(base_args(workspace, output_dir, "--batch_size", 4, "--resume")))
+    assert sorted(p.name for p in (output_dir / "data").iterdir()) == [shard_filename(i, 3) for i in range(3)]
+    assert first_shard.stat().st_mtime_ns == first_stat.st_mtime_ns  # kept, not regenerated
+    resumed = rows_by_key(datasets.load_from_disk(str(output_dir)))
+    assert set(resumed) == ALL_KEYS
+
+    # Same samples as the launched run with batch size 2: same seeds, maps and (up to float rounding) images.
+    reference = rows_by_key(datasets.load_from_disk(str(one_process["dir"])))
+    for key in ALL_KEYS:
+        assert resumed[key]["seed"] == reference[key]["seed"]
+        np.testing.assert_array_equal(resumed[key]["label"], reference[key]["label"])
+        np.testing.assert_array_equal(resumed[key]["uncertainty"], reference[key]["uncertainty"])
+        difference = np.abs(resumed[key]["image"].astype(int) - reference[key]["image"].astype(int))
+        assert difference.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------ other sources
+def test_dataset_source_with_constant_level_and_scaled_bank(workspace, tmp_path, one_thread):
+    script = load_script()
+    labels = [np.asarray(PIL.Image.open(workspace / "labels" / f"frame_{i}.png")) for i in range(NUM_LABELS)]
+    source = datasets.Dataset.from_dict(
+        {"segmentation": [PIL.Image.fromarray(label) for label in labels]},
+        features=datasets.Features({"segmentation": datasets.Image()}),
+    )
+    source.save_to_disk(str(tmp_path / "source"))
+    args = [
+        "--pretrained_model_name_or_path", str(workspace / "pipeline"), "--dataset_name", str(tmp_path / "source"),
+        "--label_column", "segmentation", "--max_labels", "2", "--uncertainty_level", "0.8",
+        "--num_inference_steps", "1", "--resolution", "8", "16", "--batch_size", "3", "--output_dir",
+        str(tmp_path / "level"),
+    ]
+    script.main(script.parse_args(args))
+    dataset = datasets.load_from_disk(str(tmp_path / "level"))
+    assert len(dataset) == 2 and dataset["source_label_name"] == [f"{tmp_path / 'source'}[0]", f"{tmp_path / 'source'}[1]"]
+    assert set(dataset["uncertainty_source"]) == {"level:0.8"}
+    assert dataset[0]["image"].size == (16, 8)
+    assert set(np.unique(np.asarray(dataset[0]["uncertainty"])).tolist()) == {round(0.8 * 65535)}
+
+    # A bank scaled by 2 stays in [0, 1] (the maps are below 0.5): every stored map is 2x its source.
+    script.main(
+        script.parse_args(
+            base_args(workspace, tmp_path / "scaled", "--uncertainty_scale", 2.0, "--max_labels", 1,
+                      "--samples_per_label", 2, "--num_inference_steps", 1)
+        )
+    )
+    for row in datasets.load_from_disk(str(tmp_path / "scaled")):
+        bank_file = workspace / "bank" / row["uncertainty_source"][len("bank:") :]
+        raw = np.load(bank_file) if bank_file.suffix == ".npy" else PIL.Image.open(bank_file)
+        expected = prepare_uncertainty_map(raw, 1, 16, 16)[0, 0].numpy() * 2
+        stored = np.asarray(row["uncertainty"]).astype(np.float32) / 65535
+        np.testing.assert_allclose(stored, expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "20"], r"`--resolution` values must be positive multiples of 8, but got \[20\]"),
+        (["--uncertainty_level", "1.5"], "Pass exactly one of `--uncertainty_bank` and `--uncertainty_level`"),
+        (["--batch_size", "0"], "`--batch_size` must be at least 1, but got 0"),
+    ],
+)
+def test_bad_arguments_are_rejected_by_parse_args(workspace, tmp_path, extra, message):
+    script = load_script()
+    with pytest.raises(ValueError, match=message):
+        script.parse_args(base_args(workspace, tmp_path / "out", *extra))
+
+
+def test_uncertainty_level_outside_unit_interval(workspace, tmp_path):
+    script = load_script()
+    args = base_args(workspace, tmp_path / "out")
+    index = args.index("--uncertainty_bank")
+    args[index : index + 2] = ["--uncertainty_level", "1.5"]
+    with pytest.raises(ValueError, match=r"`--uncertainty_level` must lie in \[0, 1\], but got 1.5"):
+        script.parse_args(args)
+
+
+def run_expecting_error(script, args, message, output_dir):
+    with pytest.raises(ValueError, match=message):
+        script.main(script.parse_args(args))
+    assert not output_dir.exists()  # stopped before writing anything
+
+
+def test_bad_inputs_stop_before_generating(workspace, tmp_path):
+    script = load_script()
+    out = tmp_path / "out"
+
+    args = base_args(workspace, out)
+    args[args.index("--label_dir") + 1] = str(workspace / "empty")
+    run_expecting_error(script, args, "expected integer label PNGs in .*empty, but found no image files", out)
+
+    bad_labels = tmp_path / "bad_labels"
+    bad_labels.mkdir()
+    PIL.Image.fromarray(np.full((16, 16), 7, dtype=np.uint8)).save(bad_labels / "x.png")
+    args[args.index("--label_dir") + 1] = str(bad_labels)
+    run_expecting_error(
+        script, args, r"Label map x.png has values \[7\], but the controlnet takes values in \[0, 4\) or ignore_index=255", out
+    )
+
+    args = base_args(workspace, out, "--uncertainty_scale", 3.0)
+    run_expecting_error(script, args, r"`--uncertainty_scale` 3.0 takes the uncertainty map .* above 1", out)
+
+
+# ------------------------------------------------------------------------------------------------- Hub
+def test_push_to_hub_uploads_card_config_and_parquet(workspace, tmp_path, monkeypatch):
+    script = load_script()
+    calls = {}
+
+    class RepoUrl:
+        repo_id = "someone/camvid-dusk-synthetic"
+
+    def fake_create_repo(repo_id, repo_type, exist_ok, private, token):
+        calls["create_repo"] = dict(repo_id=repo_id, repo_type=repo_type, exist_ok=exist_ok, token=token)
+        return RepoUrl()
+
+    def fake_upload_folder(repo_id, repo_type, folder_path, allow_patterns, commit_message, token):
+        calls["upload_folder"] = dict(repo_id=repo_id, repo_type=repo_type, token=token)
+        folder = Path(folder_path)
+        calls["files"] = sorted(
+            str(path.relative_to(folder))
+            for path in folder.rglob("*")
+            if path.is_file() and any(path.relative_to(folder).match(pattern) for pattern in allow_patterns)
+        )
+        calls["card"] = (folder / "README.md").read_text()
+
+    monkeypatch.setattr(script, "create_repo", fake_create_repo)
+    monkeypatch.setattr(script, "upload_folder", fake_upload_folder)
+    args = base_args(
+        workspace, tmp_path / "out", "--max_labels", 1, "--samples_per_label", 1, "--num_inference_steps", 1,
+        "--push_to_hub", "--hub_model_id", "someone/camvid-dusk-synthetic", "--hub_token", "hf_xxx",
+    )
+    script.main(script.parse_args(args))
+    assert calls["create_repo"] == dict(
+        repo_id="someone/camvid-dusk-synthetic", repo_type="dataset", exist_ok=True, token="hf_xxx"
+    )
+    assert calls["upload_folder"] == dict(repo_id="someone/camvid-dusk-synthetic", repo_type="dataset", token="hf_xxx")
+    assert calls["files"] == ["README.md", "data/shard-00000-of-00001.parquet", "generation_config.json"]
+    assert "# someone/camvid-dusk-synthetic" in calls["card"]
+    assert 'datasets.load_dataset("someone/camvid-dusk-synthetic", split="train")' in calls["card"]

@@ -71,7 +71,7 @@ def base_args(workspace, output_dir, *extra):
             "--samples_per_label", SAMPLES_PER_LABEL,
             "--num_inference_steps", 2,
             "--guidance_scale", 2.0,
-            "--prompt", "a street at dusk",
+            "--prompt", "dusk road",
             "--resolution", 16,
             "--seed", 7,
             "--batch_size", BATCH_SIZE,
@@ -241,7 +241,7 @@ def test_output_has_a_card_a_config_and_is_read_by_the_segmentation_trainer(one_
     card = (out / "README.md").read_text()
     assert "9 samples: 3 label maps x 3 samples each, at 16x16 (HxW)" in card
     assert "`semantic_channels` = 4, `ignore_index` = 255" in card
-    assert "| `guidance_scale` | `2.0` |" in card and "| `prompt` | `a street at dusk` |" in card
+    assert "| `guidance_scale` | `2.0` |" in card and "| `prompt` | `dusk road` |" in card
     assert "path: data/*.parquet" in card and "$" not in card
     assert (out / "generation_config.json").is_file()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -198,27 +198,27 @@ def test_checkpoints_are_pruned_and_resume_latest_continues_from_the_right_step(
     common = _base_args(
         workspace, output_dir,
         "--train_branch", "semantic", "--train_data_dir", workspace / "labeled",
-        "--checkpointing_steps", 1, "--checkpoints_total_limit", 2,
+        "--checkpointing_steps", 1, "--checkpoints_total_limit", 1,
     )
     first = run_training(*common, "--max_train_steps", 3)
     _assert_ok(first)
     checkpoints = sorted(path.name for path in output_dir.iterdir() if path.name.startswith("checkpoint"))
-    assert checkpoints == ["checkpoint-2", "checkpoint-3"], checkpoints  # checkpoint-1 pruned by the limit
+    assert checkpoints == ["checkpoint-3"], checkpoints  # checkpoint-1 and -2 pruned by the limit
     assert (output_dir / "checkpoint-3" / "controlnet" / "config.json").is_file()
     assert not any(path.name.startswith(".") for path in output_dir.iterdir())  # no staging folders left
     step3 = _weights(output_dir / "checkpoint-3" / "controlnet")
 
-    second = run_training(*common, "--max_train_steps", 5, "--resume_from_checkpoint", "latest")
+    second = run_training(*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
     _assert_ok(second)
     output = second.stdout + second.stderr
     assert f"Resuming from checkpoint {output_dir / 'checkpoint-3'}" in output
     assert "Loaded the controlnet weights of" in output and "All optimizer states loaded successfully" in output
-    # Exactly steps 4 and 5 were run after resuming; the limit keeps the last two.
+    # Exactly step 4 was run after resuming (2 steps per epoch: the seen batch of epoch 2 is skipped).
     saved = [line.rsplit("/", 1)[-1] for line in output.splitlines() if "Saved state to" in line]
-    assert saved == ["checkpoint-4", "checkpoint-5"], saved
-    assert "global step 5" in output
+    assert saved == ["checkpoint-4"], saved
+    assert "global step 4" in output
     checkpoints = sorted(path.name for path in output_dir.iterdir() if path.name.startswith("checkpoint"))
-    assert checkpoints == ["checkpoint-4", "checkpoint-5"], checkpoints
+    assert checkpoints == ["checkpoint-4"], checkpoints
     # Step 4 continued from the step-3 weights: the zero convolutions (0 at initialisation) moved one step away from
     # them, not three steps back towards 0 as a fresh start would.
     step4 = _weights(output_dir / "checkpoint-4" / "controlnet")

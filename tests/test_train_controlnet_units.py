@@ -337,3 +337,47 @@ def test_parse_args_rejects_bad_combinations_before_any_work(script, tmp_path):
     PIL.Image.fromarray(np.full((8, 8), 6, dtype=np.uint8)).save(label)
     with pytest.raises(ValueError, match=r"val\.png has values \[6\]"):
         script.parse_args(base + ["--train_branch", "semantic", "--train_data_dir", "d", "--validation_label", str(label)])
+
+
+def test_load_controlnet_from_scratch_from_a_semantic_controlnet_and_from_a_saved_model(script, tmp_path):
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the script logs through accelerate's logger, which needs the state
+    components = build_tiny_components(num_classes=4, ignore_index=255)
+    unet, vae = components["unet"], components["vae"]
+    base = ["--pretrained_model_name_or_path", "x", "--num_classes", "4", "--ignore_index", "255",
+            "--train_branch", "semantic", "--train_data_dir", "d"]
+
+    # From scratch: the conditioning embedding downsamples by the tiny VAE's factor 2, so the residuals fit the UNet.
+    controlnet = script.load_controlnet(script.parse_args(base + ["--shared_trunk"]), unet, vae)
+    assert controlnet.config.shared_trunk and controlnet.config.ignore_index == 255
+    assert tuple(controlnet.trunk.config.conditioning_embedding_out_channels) == (16, 32)
+    down, mid = controlnet(
+        torch.randn(1, 4, 8, 8), 10, torch.randn(1, 16, 32),
+        controlnet_cond=[torch.zeros(1, 4, 16, 16), torch.zeros(1, 1, 16, 16)], conditioning_scale=[1.0, 1.0],
+    )
+    assert down[0].shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="must have 2 entries to match the VAE's downsampling factor 2"):
+        script.load_controlnet(script.parse_args(base + ["--conditioning_embedding_out_channels", "16", "32", "96"]),
+                               unet, vae)
+
+    # Semantic branch from an existing diffusers ControlNetModel, uncertainty branch new from the UNet.
+    semantic = components["controlnet"].semantic_controlnet
+    semantic.save_pretrained(tmp_path / "semantic")
+    args = script.parse_args(base + ["--semantic_controlnet_model_name_or_path", str(tmp_path / "semantic")])
+    controlnet = script.load_controlnet(args, unet, vae)
+    for (name, loaded), original in zip(controlnet.semantic_controlnet.state_dict().items(), semantic.state_dict().values()):
+        assert torch.equal(loaded, original), name
+    assert controlnet.uncertainty_controlnet.config.conditioning_channels == 1
+    assert all(p.abs().max() == 0 for p in controlnet.uncertainty_controlnet.controlnet_down_blocks.parameters())
+    wrong = script.parse_args([*base[:3], "5", *base[4:], "--semantic_controlnet_model_name_or_path", str(tmp_path / "semantic")])
+    with pytest.raises(ValueError, match="`--num_classes` is 5, but the ControlNet .* has 4 conditioning channels"):
+        script.load_controlnet(wrong, unet, vae)
+
+    # A saved UncertaintyControlNetModel, with its config checked against the flags.
+    components["controlnet"].save_pretrained(tmp_path / "dual")
+    args = script.parse_args(base + ["--controlnet_model_name_or_path", str(tmp_path / "dual")])
+    assert not script.load_controlnet(args, unet, vae).config.shared_trunk
+    with pytest.raises(ValueError, match="`--shared_trunk` was given, but the controlnet .* has separate branches"):
+        script.load_controlnet(script.parse_args(base + ["--shared_trunk", "--controlnet_model_name_or_path",
+                                                         str(tmp_path / "dual")]), unet, vae)

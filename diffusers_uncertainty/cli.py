@@ -1,0 +1,64 @@
+"""`diffusers-uncertainty` (also `python -m diffusers_uncertainty`): the whole workflow from one command."""
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-uncertainty",
+        description=(
+            "Labeled target-like synthetic data from labeled source and unlabeled target images. Without a "
+            "subcommand, `run` is assumed; without --config, the embedded two-domain OCT-like example runs."
+        ),
+    )
+    subcommands = parser.add_subparsers(dest="command")
+
+    run = subcommands.add_parser("run", help="Run the workflow (stages already complete are skipped).")
+    run.add_argument("--config", default=None, help="YAML config; default: the embedded toy OCT example.")
+    run.add_argument("--smoke", action="store_true", help="Apply the config's `smoke:` scale (small CPU machine).")
+    run.add_argument("--output_dir", default=None, help="Overrides the config's output_dir.")
+    run.add_argument("--only", nargs="+", default=None, help="Run only stages whose name starts with these.")
+    run.add_argument("--force", action="store_true", help="Re-run stages even when complete.")
+
+    stages = subcommands.add_parser("stages", help="List the stages and commands a config would run.")
+    stages.add_argument("--config", default=None)
+    stages.add_argument("--smoke", action="store_true")
+    stages.add_argument("--output_dir", default=None)
+
+    toy = subcommands.add_parser("make-toy-data", help="Write the embedded two-domain OCT-like dataset to a folder.")
+    toy.add_argument("root", help="Output folder (must be empty or absent).")
+    toy.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    args = parser.parse_args(argv)
+
+    from .workflow import load_config, plan, run_workflow
+
+    if args.command == "make-toy-data":
+        from .toy_oct import make_oct_dataset
+
+        make_oct_dataset(args.root, seed=args.seed)
+        print(f"Wrote the toy OCT dataset to {args.root}")
+        return 0
+    overrides = {"output_dir": args.output_dir} if args.output_dir else None
+    config = load_config(args.config, smoke=args.smoke, overrides=overrides)
+    if args.command == "stages":
+        for stage in plan(config):
+            status = "complete" if stage.is_complete() else "to run"
+            how = " ".join(stage.command([])) if stage.script else f"(in-process) -> {stage.output}"
+            print(f"{stage.name:<36} {status:<9} {how}")
+        return 0
+    report = run_workflow(config, only=args.only, force=args.force)
+    print(f"Report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The workflow's final report: a metrics table read back from the evaluations, and a picture of the idea."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .conditioning import label_maps_to_tensor
+
+
+def _palette(num_classes: int) -> np.ndarray:
+    """A fixed, distinguishable colour per class (golden-angle hues); unlabeled pixels are black."""
+    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
+    colours = []
+    for hue in hues:
+        # HSV -> RGB with full saturation and value.
+        sector = int(hue * 6) % 6
+        fraction = hue * 6 - int(hue * 6)
+        rising, falling = fraction, 1 - fraction
+        rgb = [(1, rising, 0), (falling, 1, 0), (0, 1, rising), (0, falling, 1), (rising, 0, 1), (1, 0, falling)][sector]
+        colours.append([int(255 * c) for c in rgb])
+    return np.array(colours, dtype=np.uint8)
+
+
+def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    r"""
+    Colour an integer label map (pixels outside `[0, num_classes)` become black).
+
+    Args:
+        labels (`np.ndarray`):
+            `(H, W)` integer labels.
+        num_classes (`int`):
+            Number of classes.
+    """
+    palette = _palette(num_classes)
+    valid = (labels >= 0) & (labels < num_classes)
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[valid] = palette[labels[valid]]
+    return rgb
+
+
+def _read_metrics(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def metrics_table(evaluation_dir: Path, variants: list[str]) -> tuple[str, dict]:
+    r"""
+    The markdown table of the report, read from `<evaluation_dir>/<variant>/<split>/metrics.json`.
+
+    Args:
+        evaluation_dir (`Path`):
+            The workflow's `evaluation` folder.
+        variants (`list[str]`):
+            Row order.
+
+    Returns:
+        `tuple(str, dict)`: the table, and `{variant: {split: metrics}}` as read.
+    """
+    rows = [
+        "| segmenter | target mIoU | target mDice | target pixel acc. | source mIoU | source mDice |",
+        "|---|---|---|---|---|---|",
+    ]
+    read = {}
+    for variant in variants:
+        target = _read_metrics(evaluation_dir / variant / "target_val" / "metrics.json") or {}
+        source = _read_metrics(evaluation_dir / variant / "source_val" / "metrics.json") or {}
+        read[variant] = {"target_val": target, "source_val": source}
+        rows.append(
+            f"| {variant} | {_percent(target.get('mIoU'))} | {_percent(target.get('mDice'))} | "
+            f"{_percent(target.get('pixel_accuracy'))} | {_percent(source.get('mIoU'))} | {_percent(source.get('mDice'))} |"
+        )
+    return "\n".join(rows), read
+
+
+def generation_grid(pipeline, label_paths: list[Path], uncertainty_paths: list[Path], levels: list[float], num_classes: int,
+                    resolution: int, prompt: str, num_inference_steps: int, seed: int = 0) -> PIL.Image.Image:
+    r"""
+    One row per label map: label map | a real target uncertainty map | generated with that map | generated at each
+    constant uncertainty level. All images of a row share the seed, so only the uncertainty differs.
+
+    Args:
+        pipeline (`StableDiffusionDualControlPipeline`):
+            The trained pipeline.
+        label_paths (`list[Path]`):
+            Integer label PNGs.
+        uncertainty_paths (`list[Path]`):
+            Real uncertainty maps (PNG); one per row, reused cyclically.
+        levels (`list[float]`):
+            Constant uncertainty levels.
+        num_classes (`int`):
+            For the colours.
+        resolution (`int`):
+            Output size.
+        prompt (`str`):
+            The prompt.
+        num_inference_steps (`int`):
+            Denoising steps.
+        seed (`int`, defaults to 0):
+            Seed of every image.
+    """
+    rows = []
+    for index, label_path in enumerate(label_paths):
+        labels = label_maps_to_tensor(PIL.Image.open(label_path))
+        uncertainty_image = PIL.Image.open(uncertainty_paths[index % len(uncertainty_paths)])
+        conditions = [uncertainty_image] + [float(level) for level in levels]
+        images = []
+        for condition in conditions:
+            output = pipeline(
+                prompt,
+                semantic_map=labels,
+                uncertainty_map=condition,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            )
+            images.append((output.images[0] * 255).round().astype(np.uint8))
+        label_rgb = colorize(output.semantic_maps[0], num_classes)
+        uncertainty = np.asarray(uncertainty_image.convert("F").resize((resolution, resolution)), dtype=np.float32)
+        scale = 65535.0 if uncertainty_image.mode in ("I;16", "I") else 255.0
+        uncertainty_rgb = np.repeat((np.clip(uncertainty / scale, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+        rows.append(np.concatenate([label_rgb, uncertainty_rgb, *images], axis=1))
+    return PIL.Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def write_report(config: dict, out: Path, root: Path, base_path: str, control: Path, maps: dict) -> Path:
+    r"""
+    Write `<out>/report/report.md` and `<out>/report/grid.png`.
+
+    Args:
+        config (`dict`):
+            The workflow config.
+        out (`Path`):
+            The workflow's output folder.
+        root (`Path`):
+            The data root (`source/`, `target/`).
+        base_path (`str`):
+            The base model.
+        control (`Path`):
+            The trained dual control.
+        maps (`dict`):
+            `{"source/train": folder, "target/train": folder}` of the uncertainty stage outputs.
+    """
+    from .models import UncertaintyControlNetModel
+    from .pipelines import StableDiffusionDualControlPipeline
+
+    data = config["data"]
+    report_config = config.get("report") or {}
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    variants = list((config.get("variants") or {"source_only": {}}).keys())
+    table, _ = metrics_table(out / "evaluation", variants)
+
+    scores = {}
+    for split, folder in maps.items():
+        info = _read_metrics(Path(folder) / "scores.json") or {}
+        scores[split] = info.get("mean_score")
+
+    pipeline = StableDiffusionDualControlPipeline.from_pretrained(
+        base_path, controlnet=UncertaintyControlNetModel.from_pretrained(control)
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    label_paths = sorted((root / "source" / "val" / "labels").glob("*.png"))[: report_config.get("rows", 3)]
+    uncertainty_paths = sorted((Path(maps["target/train"]) / "maps").glob("*.png"))
+    levels = report_config.get("uncertainty_levels", [0.0, 0.5, 1.0])
+    grid = generation_grid(
+        pipeline,
+        label_paths,
+        uncertainty_paths,
+        levels,
+        data["num_classes"],
+        data["resolution"],
+        report_config.get("prompt", (config.get("control", {}).get("args") or {}).get("default_prompt", "")),
+        report_config.get("num_inference_steps", 20),
+    )
+    temporary = report_dir / "grid.tmp.png"
+    grid.save(temporary)
+    os.replace(temporary, report_dir / "grid.png")
+
+    columns = ["label map", "target uncertainty map", "generated (that map)"] + [f"u = {level}" for level in levels]
+    lines = [
+        "# diffusers-uncertainty workflow report",
+        "",
+        f"Data: `{root}`; {data['num_classes']} classes; resolution {data['resolution']}; base model `{base_path}`.",
+        "",
+        "## Segmentation (evaluated on the labeled development splits, %)",
+        "",
+        table,
+        "",
+        "## Uncertainty of the source-only segmenter (mean normalised map value)",
+        "",
+        "| split | mean uncertainty |",
+        "|---|---|",
+        *[f"| {split} | {'n/a' if value is None else f'{value:.4f}'} |" for split, value in scores.items()],
+        "",
+        "## Generated samples",
+        "",
+        "Columns: " + " | ".join(columns) + ". Each row shares one seed; only the uncertainty condition changes.",
+        "",
+        "![generated samples](grid.png)",
+        "",
+    ]
+    temporary = report_dir / "report.tmp.md"
+    temporary.write_text("\n".join(lines))
+    os.replace(temporary, report_dir / "report.md")
+    return report_dir / "report.md"

@@ -236,6 +236,10 @@ class BaseModelTrainingDataset(torch.utils.data.Dataset):
             Centre crop instead of random crop.
         random_flip (`bool`, defaults to `False`):
             Flip horizontally with probability 0.5.
+        seed (`int`, *optional*):
+            With a seed, the random crop, flip and caption choice of an item depend only on `(seed, epoch, index)`
+            (see [`~BaseModelTrainingDataset.set_epoch`]), not on the order in which items are loaded: a run resumed
+            in the middle of an epoch sees the same crops as an uninterrupted one. Without, the `random` module.
     """
 
     def __init__(
@@ -246,6 +250,7 @@ class BaseModelTrainingDataset(torch.utils.data.Dataset):
         default_prompt: str = "",
         center_crop: bool = False,
         random_flip: bool = False,
+        seed: int | None = None,
     ):
         if len(records) == 0:
             raise ValueError("The training data is empty: no images.")
@@ -253,11 +258,17 @@ class BaseModelTrainingDataset(torch.utils.data.Dataset):
         self.transform = PairedTransform(resolution, center_crop=center_crop, random_flip=random_flip)
         self.tokenizer = tokenizer
         self.default_prompt = default_prompt
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def caption(self, record: dict) -> str:
+    def set_epoch(self, epoch: int) -> None:
+        r"""Set the epoch that, with the seed, determines the random crops and flips (call before each epoch)."""
+        self.epoch = epoch
+
+    def caption(self, record: dict, rng=random) -> str:
         r"""The record's caption (a random one of several, as diffusers' scripts do), or `default_prompt`."""
         caption = record.get("caption")
         if caption is None or (isinstance(caption, (list, tuple, np.ndarray)) and len(caption) == 0):
@@ -265,22 +276,23 @@ class BaseModelTrainingDataset(torch.utils.data.Dataset):
         if isinstance(caption, str):
             return caption
         if isinstance(caption, (list, tuple, np.ndarray)):
-            return str(random.choice(list(caption)))
+            return str(rng.choice(list(caption)))
         raise ValueError(
             f"Captions must be strings or lists of strings, but {record['name']} has a {type(caption).__name__}."
         )
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        rng = random if self.seed is None else random.Random(f"{self.seed}-{self.epoch}-{index}")
         image = load_image(record["image"], record["name"])
         input_ids = self.tokenizer(
-            self.caption(record),
+            self.caption(record, rng),
             max_length=self.tokenizer.model_max_length,
             padding="max_length",
             truncation=True,
             return_tensors="pt",
         ).input_ids[0]
-        return {"pixel_values": self.transform(image)["pixel_values"], "input_ids": input_ids}
+        return {"pixel_values": self.transform(image, rng=rng)["pixel_values"], "input_ids": input_ids}
 
 
 def collate_images(examples: list[dict]) -> dict:

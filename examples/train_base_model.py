@@ -422,12 +422,18 @@ def main(args):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
+    # The loader draws its shuffles and worker seeds from its own generator, and the crops depend on (seed, epoch,
+    # index) only, never on the global RNGs that the noise comes from (or on accelerate's one-batch prefetch): a run
+    # resumed mid-epoch then replays exactly the random numbers of an uninterrupted one.
+    data_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     train_dataset = BaseModelTrainingDataset(
-        records, args.resolution, tokenizer, args.default_prompt, args.center_crop, args.random_flip
+        records, args.resolution, tokenizer, args.default_prompt, args.center_crop, args.random_flip, seed=data_seed
     )
+    loader_generator = torch.Generator().manual_seed(data_seed)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, shuffle=True, collate_fn=collate_images, batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers, drop_last=len(train_dataset) >= args.train_batch_size,
+        generator=loader_generator,
     )
     # A few fixed images (centre crops) to measure the VAE's reconstruction error before and after training.
     scale_dataset = BaseModelTrainingDataset(records, args.resolution, tokenizer, center_crop=True)
@@ -567,6 +573,7 @@ def main(args):
         epoch, skip = divmod(start_batch, len(train_dataloader))
         while True:
             train_dataloader.set_epoch(epoch)
+            train_dataset.set_epoch(epoch)
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
             yield from loader
             epoch, skip = epoch + 1, 0

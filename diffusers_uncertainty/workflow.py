@@ -183,6 +183,10 @@ def plan(config: dict) -> list[Stage]:
         )
 
     segmenter_args = dict(config.get("segmenter", {}).get("args") or {})
+    evaluate_args = dict(config.get("evaluate", {}).get("args") or {})
+    if (root / "classes.json").is_file():  # class names for the segmenters' cards and metrics (CamVid has one)
+        segmenter_args.setdefault("classes_json", root / "classes.json")
+        evaluate_args.setdefault("classes_json", root / "classes.json")
     source_segmenter = out / "segmenters" / "source_only"
     stages.append(
         Stage(
@@ -262,7 +266,7 @@ def plan(config: dict) -> list[Stage]:
                     evaluation,
                     "evaluate_segmentation.py",
                     {"model": folder, "data_dir": root / split, "resolution": data["resolution"],
-                     "output_dir": evaluation, **(config.get("evaluate", {}).get("args") or {})},
+                     "output_dir": evaluation, **evaluate_args},
                 )
             )
 

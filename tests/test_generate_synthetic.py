@@ -17,7 +17,12 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusers_uncertainty import StableDiffusionDualControlPipeline, build_tiny_pipeline
+from diffusers_uncertainty import (
+    StableDiffusionDualControlPipeline,
+    UncertaintyControlNetModel,
+    build_tiny_components,
+    build_tiny_pipeline,
+)
 from diffusers_uncertainty.conditioning import prepare_semantic_map, prepare_uncertainty_map
 from diffusers_uncertainty.synthesis import (
     plan_shards,
@@ -409,3 +414,32 @@ def test_push_to_hub_uploads_card_config_and_parquet(workspace, tmp_path, monkey
     assert calls["files"] == ["README.md", "data/shard-00000-of-00001.parquet", "generation_config.json"]
     assert "# someone/camvid-dusk-synthetic" in calls["card"]
     assert 'datasets.load_dataset("someone/camvid-dusk-synthetic", split="train")' in calls["card"]
+
+
+def test_separately_saved_control_replaces_the_pipelines_own(workspace, one_process, tmp_path, one_thread):
+    script = load_script()
+    other = build_tiny_components(num_classes=4, ignore_index=IGNORE_INDEX, seed=5)["controlnet"]
+    other.save_pretrained(tmp_path / "control")
+    args = base_args(
+        workspace, tmp_path / "out", "--controlnet_model_name_or_path", tmp_path / "control", "--max_labels", 1,
+        "--samples_per_label", 1, "--batch_size", 1,
+    )
+    script.main(script.parse_args(args))
+    row = datasets.load_from_disk(str(tmp_path / "out"))[0]
+    pipeline = StableDiffusionDualControlPipeline.from_pretrained(
+        workspace / "pipeline", controlnet=UncertaintyControlNetModel.from_pretrained(tmp_path / "control")
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(
+        row["prompt"],
+        semantic_map=np.asarray(row["label"]).astype(np.int64),
+        uncertainty_map=row["uncertainty"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        generator=[torch.Generator().manual_seed(row["seed"])],
+    ).images[0]
+    np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(expected))
+    # and it is not what the pipeline's own control gives for the same sample
+    own = rows_by_key(datasets.load_from_disk(str(one_process["dir"])))[(0, 0)]
+    assert own["seed"] == row["seed"]
+    assert not np.array_equal(own["image"], np.asarray(row["image"]))

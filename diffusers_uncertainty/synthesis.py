@@ -234,6 +234,10 @@ class _LabelSource:
     def name(self, index: int) -> str:
         raise NotImplementedError
 
+    def location(self, index: int) -> str:
+        """Where the label map `index` is, for error messages (its name unless a subclass knows better)."""
+        return self.name(index)
+
     def _load(self, index: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -275,7 +279,7 @@ class _LabelSource:
                 Show a tqdm progress bar.
         """
         for index in tqdm(range(len(self)), desc="Checking label maps", disable=not show_progress):
-            check_label_values(self.load(index), num_classes, ignore_index, self.name(index))
+            check_label_values(self.load(index), num_classes, ignore_index, self.location(index))
 
 
 class FolderLabelSource(_LabelSource):
@@ -309,6 +313,9 @@ class FolderLabelSource(_LabelSource):
 
     def name(self, index: int) -> str:
         return self.files[index].as_posix()
+
+    def location(self, index: int) -> str:
+        return str(self.folder / self.files[index])
 
     def _load(self, index: int) -> np.ndarray:
         return load_label(str(self.folder / self.files[index]), name=str(self.folder / self.files[index]))

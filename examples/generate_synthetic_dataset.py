@@ -352,7 +352,10 @@ def main(args):
     logger.info(f"  Label maps = {len(label_source)} ({num_classes} classes, ignore_index {ignore_index})")
     logger.info(f"  Uncertainty = {uncertainty_source.describe()}")
     logger.info(f"  Samples = {len(work_items)} ({args.samples_per_label} per label map) at {height}x{width} (HxW)")
-    logger.info(f"  Shards = {len(shards)} of {args.batch_size} samples; done {len(done)}, this run {len(pending)}")
+    logger.info(
+        f"  Shards = {len(shards)} (up to {args.batch_size} samples each); already done {len(done)}, "
+        f"this run {len(pending)}"
+    )
     logger.info(f"  Processes = {accelerator.num_processes}")
 
     # 4. Generate: one pipeline call and one parquet file per shard.

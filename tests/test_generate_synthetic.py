@@ -371,7 +371,7 @@ def test_bad_inputs_stop_before_generating(workspace, tmp_path):
     PIL.Image.fromarray(np.full((16, 16), 7, dtype=np.uint8)).save(bad_labels / "x.png")
     args[args.index("--label_dir") + 1] = str(bad_labels)
     run_expecting_error(
-        script, args, r"Label map x.png has values \[7\], but the controlnet takes values in \[0, 4\) or ignore_index=255", out
+        script, args, r"Label map .*bad_labels/x.png has values \[7\], but the controlnet takes values in \[0, 4\) or ignore_index=255", out
     )
 
     args = base_args(workspace, out, "--uncertainty_scale", 3.0)

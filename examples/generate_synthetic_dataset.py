@@ -23,6 +23,7 @@ Hub upload) follows diffusers' example scripts, e.g. `examples/controlnet/train_
 """
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -38,6 +39,7 @@ from huggingface_hub import create_repo, upload_folder
 from tqdm.auto import tqdm
 
 import diffusers
+from diffusers.utils.import_utils import is_xformers_available
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, UncertaintyControlNetModel
 from diffusers_uncertainty.synthesis import (
     ConstantUncertainty,
@@ -109,6 +111,9 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the Hub models.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (CUDA)."
+    )
     # Label maps.
     parser.add_argument(
         "--label_dir",
@@ -219,8 +224,6 @@ def content_settings(args, num_labels: int, num_shards: int, height: int, width:
 
 def check_resume(args, settings: dict, config_path: str) -> None:
     """Refuse to mix runs: an existing run needs --resume, and a resumed run the same settings."""
-    import json
-
     shard_dir = os.path.join(args.output_dir, SHARD_DIR)
     has_run = os.path.isfile(config_path) or (os.path.isdir(shard_dir) and any(os.scandir(shard_dir)))
     if has_run and not args.resume:
@@ -281,7 +284,9 @@ def main(args):
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
+        # warning, not info as in the training scripts: diffusers logs at info level on every pipeline call that
+        # uses CPU generators for a GPU (on purpose here: the same noise on every device).
+        diffusers.utils.logging.set_verbosity_warning()
     else:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
@@ -305,6 +310,10 @@ def main(args):
     pipeline = StableDiffusionDualControlPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)
+    if args.enable_xformers_memory_efficient_attention:
+        if not is_xformers_available():
+            raise ValueError("`--enable_xformers_memory_efficient_attention` needs xformers, but it is not installed.")
+        pipeline.enable_xformers_memory_efficient_attention()
     num_classes = pipeline.controlnet.config.semantic_channels
     ignore_index = pipeline.controlnet.config.ignore_index
     if args.resolution is None:

@@ -94,6 +94,19 @@ CONTENT_ARGUMENTS = (
 )
 
 
+def redact_token(argv: list[str]) -> list[str]:
+    """The command line without the value of `--hub_token` (it goes into the public card)."""
+    redacted = []
+    for index, arg in enumerate(argv):
+        if index > 0 and argv[index - 1] == "--hub_token":
+            redacted.append("<redacted>")
+        elif arg.startswith("--hub_token="):
+            redacted.append("--hub_token=<redacted>")
+        else:
+            redacted.append(arg)
+    return redacted
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Generate a labeled synthetic dataset with a dual-control ControlNet.")
     # Model.
@@ -185,6 +198,10 @@ def parse_args(input_args=None):
     parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
 
     args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
+    # The command line, for the dataset card and generation_config.json (also when `main` is called from Python).
+    args.command_line = "accelerate launch examples/generate_synthetic_dataset.py " + shlex.join(
+        redact_token([str(arg) for arg in (input_args if input_args is not None else sys.argv[1:])])
+    )
 
     # Every check that needs no model or data happens here, before anything is loaded.
     if (args.label_dir is None) == (args.dataset_name is None):
@@ -248,7 +265,6 @@ def check_resume(args, settings: dict, config_path: str) -> None:
 def write_dataset_card(args, dataset, settings: dict, pipeline, uncertainty_source) -> None:
     controlnet_config = pipeline.controlnet.config
     source = f"`{args.label_dir}` (folder)" if args.label_dir else f"`{args.dataset_name}` (column `{args.label_column}`)"
-    command = "accelerate launch examples/generate_synthetic_dataset.py " + shlex.join(sys.argv[1:])
     table = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(settings.items()))
     repo_id = args.hub_model_id or Path(args.output_dir).name
     write_model_card(
@@ -267,7 +283,7 @@ def write_dataset_card(args, dataset, settings: dict, pipeline, uncertainty_sour
         height=settings["height"],
         width=settings["width"],
         settings_table=table,
-        command=command,
+        command=args.command_line,
     )
 
 
@@ -348,7 +364,7 @@ def main(args):
         removed = remove_temporary_shards(shard_dir)
         if removed:
             logger.info(f"Removed {len(removed)} half-written shard(s) of an interrupted run: {removed}")
-        write_json_atomic({"settings": settings, "command": sys.argv}, config_path)
+        write_json_atomic({"settings": settings, "command": args.command_line}, config_path)
     accelerator.wait_for_everyone()
     done = completed_shards(shard_dir, len(shards))
     accelerator.wait_for_everyone()  # every process has listed the finished shards before any new one appears

@@ -413,6 +413,8 @@ def test_push_to_hub_uploads_card_config_and_parquet(workspace, tmp_path, monkey
     assert calls["upload_folder"] == dict(repo_id="someone/camvid-dusk-synthetic", repo_type="dataset", token="hf_xxx")
     assert calls["files"] == ["README.md", "data/shard-00000-of-00001.parquet", "generation_config.json"]
     assert "# someone/camvid-dusk-synthetic" in calls["card"]
+    assert "--push_to_hub --hub_model_id someone/camvid-dusk-synthetic" in calls["card"]  # the command line
+    assert "hf_xxx" not in calls["card"] and "hf_xxx" not in (tmp_path / "out" / "generation_config.json").read_text()
     assert 'datasets.load_dataset("someone/camvid-dusk-synthetic", split="train")' in calls["card"]
 
 

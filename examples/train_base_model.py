@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -437,7 +438,8 @@ def main(args):
     )
     # A few fixed images (centre crops) to measure the VAE's reconstruction error before and after training.
     scale_dataset = BaseModelTrainingDataset(records, args.resolution, tokenizer, center_crop=True)
-    probe = torch.stack([scale_dataset[index]["pixel_values"] for index in range(min(8, len(scale_dataset)))])
+    probe_indices = sorted({round(i) for i in np.linspace(0, len(scale_dataset) - 1, min(8, len(scale_dataset)))})
+    probe = torch.stack([scale_dataset[index]["pixel_values"] for index in probe_indices])  # spread over all folders
 
     # Train state: the stage losses and the latent scaling factor travel with the checkpoints.
     state = {"vae_losses": [], "unet_losses": [], "scaling_factor": vae.config.scaling_factor,
@@ -518,7 +520,7 @@ def main(args):
         weight_dtype = torch.bfloat16
     if not args.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device)
+    vae.to(accelerator.device)  # trained in fp32 (autocast does the mixed precision); cast once frozen
 
     if accelerator.is_main_process:
         tracker_config = {
@@ -629,7 +631,8 @@ def main(args):
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     vae.requires_grad_(False)
     vae.eval()
-    vae.to(accelerator.device, dtype=weight_dtype)
+    if weight_dtype != torch.float32:
+        vae.to(accelerator.device, dtype=weight_dtype)
 
     # ---- Stage 2: the UNet (as diffusers' train_text_to_image.py: epsilon/v target on DDPM-noised latents)
     unet.train()
@@ -676,9 +679,10 @@ def main(args):
     # ---- Save the pipeline (fp32) atomically, a summary and a few samples.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet).to(torch.float32)
-        text_encoder = accelerator.unwrap_model(text_encoder).to(torch.float32)
-        vae = vae.to(torch.float32)
+        unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        for model in (unet, text_encoder, vae):  # the pipeline is saved in fp32
+            if model.dtype != torch.float32:
+                model.to(torch.float32)
         pipeline = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=build_inference_scheduler(noise_scheduler.config),

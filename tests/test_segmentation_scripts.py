@@ -218,3 +218,51 @@ def test_training_stops_on_bad_input_before_training(data, tmp_path):
     with pytest.raises(ValueError, match="--synthetic_ratio"):
         train.parse_args(["--train_data_dir", str(data["train"]), "--synthetic_ratio", "0.5", *base])
     assert not (tmp_path / "out").exists()  # nothing was trained or written
+
+
+def test_two_process_flexseg_training_runs(data, tmp_path):
+    # Hardness-aware sampling and the prototype bank are synchronised across processes (gather / reduce).
+    out = tmp_path / "two"
+    accelerate_launch(
+        "train_segmentation.py",
+        ["--train_data_dir", data["train"], "--synthetic_data_dir", data["synthetic"], "--synthetic_ratio", "0.5",
+         "--num_classes", "3", "--ignore_index", "255", *TINY_MODEL, "--flexseg", "--train_batch_size", "2",
+         "--max_train_steps", "2", "--checkpointing_steps", "2", "--seed", "0", "--report_to", "none",
+         "--output_dir", out],
+        num_processes=2,
+    )
+    assert (out / "diffusion_pytorch_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+
+
+def test_push_to_hub_uploads_model_and_card(data, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/tiny-segmenter"
+
+    def fake_create_repo(repo_id, exist_ok, token):
+        calls["create"] = repo_id
+        return Repo()
+
+    def fake_upload_folder(repo_id, folder_path, commit_message, ignore_patterns, token):
+        calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), ignore_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train = _load_train_script()
+    out = tmp_path / "hub"
+    train.main(train.parse_args([
+        "--train_data_dir", str(data["train"]), "--num_classes", "3", "--ignore_index", "255", *TINY_MODEL,
+        "--train_batch_size", "2", "--max_train_steps", "1", "--report_to", "none", "--output_dir", str(out),
+        "--push_to_hub", "--hub_model_id", "tiny-segmenter",
+    ]))
+    assert calls["create"] == "tiny-segmenter"
+    repo_id, files, ignore = calls["upload"]
+    assert repo_id == "someone/tiny-segmenter"
+    assert {"README.md", "config.json", "diffusion_pytorch_model.safetensors"} <= set(files)
+    assert "checkpoint-*" in ignore
+    card = (out / "README.md").read_text()
+    assert 'SegmentationModel.from_pretrained("someone/tiny-segmenter")' in card and "source-only" in card

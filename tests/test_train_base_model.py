@@ -263,3 +263,30 @@ def test_save_pipeline_atomically_replaces_components_and_keeps_other_files(tmp_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
     # renamed from a private temporary folder, but with the usual permissions
     assert os.stat(output_dir / "unet").st_mode & 0o777 == 0o777 & ~umask()
+
+
+def test_dataset_name_records_with_captions(tmp_path):
+    """`--dataset_name` (here a local image folder with a metadata.csv) gives records with captions."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    rows = ["file_name,text"]
+    for index in range(3):
+        PIL.Image.fromarray(np.full((24, 40, 3), 40 * index, dtype=np.uint8)).save(folder / f"{index}.png")
+        rows.append(f"{index}.png,scan {index}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    module = _load_script()
+    args = module.parse_args(
+        ["--dataset_name", str(folder), "--caption_column", "text", "--resolution", "16", *[str(v) for v in TINY],
+         "--cache_dir", str(tmp_path / "cache")]
+    )
+    records = module.make_records(args)
+    assert len(records) == 3 and sorted(record["caption"] for record in records) == ["scan 0", "scan 1", "scan 2"]
+    tokenizer = build_tokenizer(tmp_path / "tokenizer", model_max_length=16)
+    item = BaseModelTrainingDataset(records, 16, tokenizer, seed=0)[0]
+    assert item["pixel_values"].shape == (3, 16, 16) and item["input_ids"].shape == (16,)
+    assert tokenizer.decode(item["input_ids"], skip_special_tokens=True).replace(" ", "") == records[0]["caption"].replace(" ", "")
+
+    bad = module.parse_args(["--dataset_name", str(folder), "--caption_column", "caption", "--resolution", "16",
+                             *[str(v) for v in TINY], "--cache_dir", str(tmp_path / "cache")])
+    with pytest.raises(ValueError, match="`--caption_column` value 'caption' not found"):
+        module.make_records(bad)

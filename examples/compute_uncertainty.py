@@ -15,7 +15,6 @@ import csv
 import io
 import os
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset

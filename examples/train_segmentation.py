@@ -15,13 +15,11 @@ The structure (argument names, accelerate setup, checkpointing with `--checkpoin
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed

@@ -147,11 +147,12 @@ def test_evaluate_writes_json_markdown_and_panels(trained, data, tmp_path):
     assert metrics["labeled_pixels"] == expected
 
 
-@pytest.mark.parametrize("estimator,num_processes", [("entropy", 2), ("mc_dropout", 1)])
+@pytest.mark.parametrize("estimator,num_processes", [("entropy", 2), ("mc_dropout", 1), ("ensemble", 1)])
 def test_compute_uncertainty_writes_maps_and_scores(trained, data, tmp_path, estimator, num_processes):
+    models = [trained["dir"]] * (2 if estimator == "ensemble" else 1)
     log = accelerate_launch(
         "compute_uncertainty.py",
-        ["--model", trained["dir"], "--data_dir", data["target"], "--resolution", "32", "--estimator", estimator,
+        ["--model", *models, "--data_dir", data["target"], "--resolution", "32", "--estimator", estimator,
          "--num_passes", "3", "--batch_size", "2", "--output_dir", tmp_path],
         num_processes=num_processes,
     )
@@ -167,9 +168,10 @@ def test_compute_uncertainty_writes_maps_and_scores(trained, data, tmp_path, est
         assert array.dtype == np.uint16 and array.shape == (32, 40)
         # The per-image score is the mean of the stored map (up to 16-bit quantisation).
         assert float(row["score"]) == pytest.approx(array.mean() / 65535, abs=1e-4)
+    if estimator == "ensemble":
+        # Two copies of the same model never disagree: mutual information is zero everywhere.
+        assert summary["mean_score"] < 1e-4
     if estimator == "entropy":
-        import torch
-
         from diffusers_uncertainty.segmentation import EntropyEstimator, SegmentationModel
         from diffusers_uncertainty.segmentation.data import image_to_tensor
 

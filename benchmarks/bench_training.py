@@ -184,6 +184,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per set-up (the median is reported).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first.")
+    parser.add_argument("--rounds", type=int, default=1, help="Repeat all set-ups this many times, alternating.")
     parser.add_argument("--num_classes", type=int, default=11)
     parser.add_argument(
         "--gradient_checkpointing", choices=["off", "on", "both"], default="both", help="Which variants to run."
@@ -217,32 +218,45 @@ def main(argv=None):
     timer = args.timer if args.timer != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
     context = multiprocessing.get_context("spawn")
     load_start = os.getloadavg()
-    results = []
-    for gradient_checkpointing in variants:
-        for setup in args.setups:
-            queue = context.Queue()
-            process = context.Process(target=measure, args=(setup, gradient_checkpointing, args, queue))
-            process.start()
-            result = queue.get()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"benchmark run {setup} (gradient checkpointing {gradient_checkpointing}) failed")
-            result["median_s"] = statistics.median(result["times"])
-            result["median_cpu_s"] = statistics.median(result["cpu_times"])
-            result["samples_per_s"] = args.batch_size / (result["median_s"] if timer == "wall" else result["median_cpu_s"])
-            results.append(result)
-            print(
-                f"{setup:20s} ckpt={gradient_checkpointing!s:5s} median {result['median_s']:.3f} s/step wall "
-                f"({', '.join(f'{t:.2f}' for t in result['times'])}), {result['median_cpu_s']:.3f} s/step CPU "
-                f"({', '.join(f'{t:.2f}' for t in result['cpu_times'])})",
-                file=sys.stderr,
-                flush=True,
-            )
+    # Rounds alternate the set-ups over time, so that a change in machine load hits all of them alike; the median is
+    # taken over the timed steps of all rounds.
+    results = {}
+    for round_index in range(args.rounds):
+        for gradient_checkpointing in variants:
+            for setup in args.setups:
+                queue = context.Queue()
+                process = context.Process(target=measure, args=(setup, gradient_checkpointing, args, queue))
+                process.start()
+                result = queue.get()
+                process.join()
+                if process.exitcode != 0:
+                    raise RuntimeError(
+                        f"benchmark run {setup} (gradient checkpointing {gradient_checkpointing}) failed"
+                    )
+                print(
+                    f"round {round_index} {setup:20s} ckpt={gradient_checkpointing!s:5s} wall "
+                    f"{', '.join(f'{t:.2f}' for t in result['times'])} s, CPU "
+                    f"{', '.join(f'{t:.2f}' for t in result['cpu_times'])} s, load {os.getloadavg()[0]:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                key = (setup, gradient_checkpointing)
+                if key not in results:
+                    results[key] = result
+                else:
+                    results[key]["times"] += result["times"]
+                    results[key]["cpu_times"] += result["cpu_times"]
+                    results[key]["peak_gib"] = max(results[key]["peak_gib"], result["peak_gib"])
+    results = list(results.values())
+    for result in results:
+        result["median_s"] = statistics.median(result["times"])
+        result["median_cpu_s"] = statistics.median(result["cpu_times"])
+        result["samples_per_s"] = args.batch_size / (result["median_s"] if timer == "wall" else result["median_cpu_s"])
 
     print(
         f"\ndevice {args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__}), dtype "
-        f"{args.dtype}, resolution {args.resolution}, batch {args.batch_size}, {args.steps} timed steps after "
-        f"{args.warmup} warm-up, memory = {results[0]['memory_kind']}, load average at start/end "
+        f"{args.dtype}, resolution {args.resolution}, batch {args.batch_size}, {args.rounds} round(s) of {args.steps} timed "
+        f"steps after {args.warmup} warm-up, memory = {results[0]['memory_kind']}, load average at start/end "
         f"{load_start[0]:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n"
     )
     unit = "samples/s" if timer == "wall" else "samples per CPU-s"

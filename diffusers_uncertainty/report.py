@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .conditioning import label_maps_to_tensor
+from .conditioning import label_maps_to_tensor, prepare_uncertainty_map
 
 
 def _palette(num_classes: int) -> np.ndarray:
@@ -109,24 +109,22 @@ def generation_grid(pipeline, label_paths: list[Path], uncertainty_paths: list[P
     for index, label_path in enumerate(label_paths):
         labels = label_maps_to_tensor(PIL.Image.open(label_path))
         uncertainty_image = PIL.Image.open(uncertainty_paths[index % len(uncertainty_paths)])
-        conditions = [uncertainty_image] + [float(level) for level in levels]
-        images = []
-        for condition in conditions:
-            output = pipeline(
-                prompt,
-                semantic_map=labels,
-                uncertainty_map=condition,
-                height=resolution,
-                width=resolution,
-                num_inference_steps=num_inference_steps,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="np",
-            )
-            images.append((output.images[0] * 255).round().astype(np.uint8))
+        real_map = prepare_uncertainty_map(uncertainty_image, 1, resolution, resolution)
+        constant_maps = [torch.full_like(real_map, float(level)) for level in levels]
+        # One call per row: the row's conditions form the batch, every image starting from the same noise.
+        output = pipeline(
+            prompt,
+            semantic_map=labels,
+            uncertainty_map=torch.cat([real_map, *constant_maps]),
+            height=resolution,
+            width=resolution,
+            num_inference_steps=num_inference_steps,
+            generator=[torch.Generator().manual_seed(seed) for _ in range(1 + len(levels))],
+            output_type="np",
+        )
+        images = [(image * 255).round().astype(np.uint8) for image in output.images]
         label_rgb = colorize(output.semantic_maps[0], num_classes)
-        uncertainty = np.asarray(uncertainty_image.convert("F").resize((resolution, resolution)), dtype=np.float32)
-        scale = 65535.0 if uncertainty_image.mode in ("I;16", "I") else 255.0
-        uncertainty_rgb = np.repeat((np.clip(uncertainty / scale, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+        uncertainty_rgb = np.repeat((real_map[0, 0].numpy() * 255).round().astype(np.uint8)[..., None], 3, axis=2)
         rows.append(np.concatenate([label_rgb, uncertainty_rgb, *images], axis=1))
     return PIL.Image.fromarray(np.concatenate(rows, axis=0))
 

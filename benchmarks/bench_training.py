@@ -20,7 +20,11 @@ Every step is timed twice: wall-clock time and the process's CPU time (`time.pro
 CPU machine wall time mostly measures the other jobs, so ratios use CPU time there (`--timer auto`: CPU time on CPU,
 wall time on CUDA); samples per CPU-second equal samples/s on an otherwise idle machine with the same threads busy.
 
-    python benchmarks/bench_training.py --device cpu --resolution 256 --batch_size 1 --steps 3
+On a CPU shared with other jobs use `--threads 1` (and `OMP_NUM_THREADS=1`): with several threads, a thread that
+waits for a descheduled sibling spins and burns CPU time, which makes even CPU time depend on the other jobs.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_training.py --device cpu --resolution 256 --batch_size 1 --steps 2 --threads 1
+    python benchmarks/bench_training.py --device cuda --dtype float16 --resolution 512 --batch_size 4 --steps 10
 """
 
 import argparse

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from .atomic import save_image_atomic, write_text_atomic
+
 
 OCT_CLASS_NAMES = (
     "vitreous",  # 0: background above the retina
@@ -242,21 +244,6 @@ def render_oct_sample(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _save_png_atomically(array: np.ndarray, path: Path) -> None:
-    """Write a PNG to a temporary file beside `path`, then rename it into place."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}-", suffix=".png", delete=False) as handle:
-        PIL.Image.fromarray(array).save(handle, format="PNG")
-    os.chmod(handle.name, 0o666 & ~_umask())  # temporary files are private; give the usual permissions
-    os.replace(handle.name, path)
-
-
-def _write_text_atomically(text: str, path: Path) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False, encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o666 & ~_umask())
-    os.replace(handle.name, path)
-
-
 def _readme(info: dict) -> str:
     classes = "\n".join(f"| {index} | {name} |" for index, name in enumerate(info["class_names"]))
     splits = "\n".join(f"| `{split}` | {count} | {'yes' if split != 'target/train' else 'no'} |" for split, count in info["splits"].items())
@@ -292,9 +279,10 @@ def _write_split(folder: Path, domain: str, split: str, count: int, size, seed: 
     for index in range(count):
         # One generator per image, keyed by (seed, domain, split, index): an image does not depend on the counts.
         image, label = render_oct_sample([seed, _DOMAINS[domain], _SPLITS[split], index], size, domain)
-        _save_png_atomically(np.repeat(image[:, :, None], 3, axis=2), folder / "images" / f"{index:04d}.png")
+        rgb = np.repeat(image[:, :, None], 3, axis=2)
+        save_image_atomic(folder / "images" / f"{index:04d}.png", PIL.Image.fromarray(rgb))
         if labeled:
-            _save_png_atomically(label, folder / "labels" / f"{index:04d}.png")
+            save_image_atomic(folder / "labels" / f"{index:04d}.png", PIL.Image.fromarray(label))
 
 
 def make_oct_dataset(
@@ -387,8 +375,8 @@ def make_oct_dataset(
         for split_name, count in info["splits"].items():
             domain, split = split_name.split("/")
             _write_split(staging / domain / split, domain, split, count, (height, width), seed, info["labeled"][split_name])
-        _write_text_atomically(json.dumps(info, indent=2) + "\n", staging / "dataset_info.json")
-        _write_text_atomically(_readme(info), staging / "README.md")
+        write_text_atomic(staging / "dataset_info.json", json.dumps(info, indent=2) + "\n")
+        write_text_atomic(staging / "README.md", _readme(info))
 
         if not root.exists() or not any(root.iterdir()):
             if root.exists():

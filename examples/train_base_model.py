@@ -52,6 +52,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 
+from diffusers_uncertainty.atomic import save_image_atomic, write_json_atomic
 from diffusers_uncertainty.base_model import (
     BaseModelTrainingDataset,
     build_inference_scheduler,
@@ -97,14 +98,6 @@ def list_checkpoints(output_dir: str) -> list[str]:
         return []
     names = [name for name in os.listdir(output_dir) if CHECKPOINT_PATTERN.match(name)]
     return sorted(names, key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
-
-
-def write_json_atomically(data: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".json", delete=False, encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.chmod(handle.name, 0o666 & ~umask())
-    os.replace(handle.name, path)
 
 
 def loss_summary(losses: list[float], window: int = 10) -> dict:
@@ -459,7 +452,7 @@ def main(args):
                     model.save_pretrained(os.path.join(output_dir, "text_encoder"))
             while weights:
                 weights.pop()  # make sure accelerate does not save the models again
-            write_json_atomically(state, os.path.join(output_dir, STATE_FILE))
+            write_json_atomic(os.path.join(output_dir, STATE_FILE), state)
 
     def load_model_hook(models, input_dir):
         while models:
@@ -704,7 +697,7 @@ def main(args):
             "args": {key: value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
                      for key, value in vars(args).items()},
         }
-        write_json_atomically(summary, os.path.join(args.output_dir, SUMMARY_FILE))
+        write_json_atomic(os.path.join(args.output_dir, SUMMARY_FILE), summary)
 
         if args.num_validation_images > 0:
             pipeline.to(accelerator.device)
@@ -719,10 +712,7 @@ def main(args):
             rows = math.ceil(len(images) / columns)
             images += [PIL.Image.new("RGB", images[0].size)] * (rows * columns - len(images))  # pad the last row
             grid = make_image_grid(images, rows=rows, cols=columns)
-            with tempfile.NamedTemporaryFile(dir=args.output_dir, suffix=".png", delete=False) as handle:
-                grid.save(handle, format="PNG")
-            os.chmod(handle.name, 0o666 & ~umask())
-            os.replace(handle.name, os.path.join(args.output_dir, "samples.png"))
+            save_image_atomic(os.path.join(args.output_dir, "samples.png"), grid)
         accelerator.print(f"Done in {time.time() - start_time:.1f} s; pipeline in {args.output_dir}")
     accelerator.end_training()
 

@@ -46,6 +46,7 @@ from diffusers.utils import is_wandb_available, make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, UncertaintyControlNetModel
+from diffusers_uncertainty.atomic import save_image_atomic
 from diffusers_uncertainty.training import (
     ControlNetTrainingDataset,
     DatasetRecords,
@@ -57,7 +58,6 @@ from diffusers_uncertainty.training import (
     labeled_folder_records,
     load_label,
     select_records,
-    uncertainty_to_image,
     unlabeled_folder_records,
     validate_records,
     write_model_card,
@@ -80,15 +80,6 @@ def list_checkpoints(output_dir: str) -> list[str]:
         return []
     names = [name for name in os.listdir(output_dir) if CHECKPOINT_PATTERN.match(name)]
     return sorted(names, key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
-
-
-def save_image_atomically(image, path: str) -> None:
-    """Write a PIL image to a temporary file beside `path`, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".png", delete=False) as handle:
-        image.save(handle, format="PNG")
-    os.replace(handle.name, path)
 
 
 def save_controlnet_atomically(controlnet: UncertaintyControlNetModel, output_dir: str) -> None:
@@ -313,7 +304,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, scheduler_con
     grid = make_image_grid(tiles, rows=len(labels), cols=columns)
 
     path = os.path.join(args.output_dir, "validation", f"step-{step}.png")
-    save_image_atomically(grid, path)
+    save_image_atomic(path, grid)
     caption = f"{prompt!r}; columns: " + ("label map, " if labels[0] is not None else "")
     caption += ", ".join("off" if level is None else f"u={level}" for level in levels)
     for tracker in accelerator.trackers:
@@ -334,7 +325,7 @@ def save_model_card(repo_id: str, args, data_summary: str, validation_log: dict 
     file instead of an inline string).
     """
     if validation_log is not None:
-        save_image_atomically(validation_log["grid"], os.path.join(repo_folder, "validation.png"))
+        save_image_atomic(os.path.join(repo_folder, "validation.png"), validation_log["grid"])
         validation = f"Columns: {validation_log['caption']}.\n\n![validation grid](./validation.png)"
     else:
         validation = "No validation grid was produced (no `--validation_label` / `--validation_uncertainty_levels`)."

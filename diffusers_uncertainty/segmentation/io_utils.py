@@ -1,66 +1,16 @@
-"""Atomic file writing and batched inference helpers shared by the segmentation scripts."""
+"""Batched inference helpers shared by the segmentation scripts, and the package's atomic writers re-exported."""
 
-import json
 import os
 import shutil
 import tempfile
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes a text file under a temporary name, then renames it into place.
-
-    Args:
-        path (`str`): Destination.
-        text (`str`): Content.
-    """
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic(path, write)
-
-
-def write_json_atomic(path: str, data) -> None:
-    """Writes JSON atomically (see [`write_text_atomic`]).
-
-    Args:
-        path (`str`): Destination.
-        data: JSON-serialisable object.
-    """
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def save_image_atomic(path: str, image: Image.Image) -> None:
-    """Saves a PIL image atomically (format from the file extension).
-
-    Args:
-        path (`str`): Destination.
-        image (`PIL.Image.Image`): Image.
-    """
-    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
-    _atomic(path, lambda tmp: image.save(tmp, format=fmt))
+from ..atomic import atomic_write_path, save_image_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 
 
 def uncertainty_to_png16(uncertainty: np.ndarray) -> Image.Image:

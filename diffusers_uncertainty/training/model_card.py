@@ -2,7 +2,8 @@
 
 import os
 import string
-import tempfile
+
+from ..atomic import write_text_atomic
 
 
 def write_model_card(template_path: str | os.PathLike, save_path: str | os.PathLike, **values) -> str:
@@ -34,9 +35,5 @@ def write_model_card(template_path: str | os.PathLike, save_path: str | os.PathL
         raise ValueError(
             f"The model card template {template_path} needs a value for {error.args[0]!r}, but none was given."
         ) from None
-    folder = os.path.dirname(os.path.abspath(save_path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, save_path)
+    write_text_atomic(save_path, text)
     return text

@@ -282,3 +282,25 @@ def test_constructor_rejects_bad_config():
 def test_uncertainty_map_helper_is_what_the_model_expects():
     uncertainty = prepare_uncertainty_map(0.25, 1, 16, 16)
     assert uncertainty.shape == (1, 1, 16, 16) and bool((uncertainty == 0.25).all())
+
+
+def test_from_controlnet_builds_a_shared_trunk_around_an_existing_controlnet():
+    unet = build_tiny_components()["unet"]
+    existing = ControlNetModel.from_unet(unet, conditioning_channels=5, conditioning_embedding_out_channels=(16, 32))
+    embedding = existing.controlnet_cond_embedding
+    model = UncertaintyControlNetModel.from_controlnet(existing, ignore_index=5)
+    assert model.config.shared_trunk and model.config.semantic_channels == 5
+    assert model.trunk is existing and model.semantic_embedding is embedding
+    assert all(not p.any() for p in model.uncertainty_embedding.conv_out.parameters())  # adds nothing untrained
+    with pytest.raises(ValueError, match="already the trunk"):
+        UncertaintyControlNetModel.from_controlnet(existing)
+
+
+def test_pipeline_refuses_a_controlnet_whose_embedding_does_not_match_the_vae():
+    from diffusers_uncertainty import StableDiffusionDualControlPipeline
+
+    components = build_tiny_components(num_classes=4)
+    # The tiny VAE has a factor of 2; diffusers' default embedding (16, 32, 96, 256) reduces by 8.
+    components["controlnet"] = UncertaintyControlNetModel.from_unet(components["unet"], semantic_channels=4)
+    with pytest.raises(ValueError, match=r"reduces its conditions by 8 .* latents are 1/2 of the image"):
+        StableDiffusionDualControlPipeline(**components)

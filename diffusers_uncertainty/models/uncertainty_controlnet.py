@@ -167,9 +167,7 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         """
         semantic = ControlNetModel.from_unet(unet, conditioning_channels=semantic_channels, **controlnet_kwargs)
         if shared_trunk:
-            return cls._wrap(
-                semantic_channels, uncertainty_channels, ignore_index, trunk=semantic, seed_embedding=True
-            )
+            return cls.from_controlnet(semantic, uncertainty_channels=uncertainty_channels, ignore_index=ignore_index)
         uncertainty = ControlNetModel.from_unet(unet, conditioning_channels=uncertainty_channels, **controlnet_kwargs)
         return cls.from_controlnets(semantic, uncertainty, ignore_index=ignore_index)
 
@@ -205,13 +203,38 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         )
 
     @classmethod
+    def from_controlnet(
+        cls,
+        controlnet: ControlNetModel,
+        uncertainty_channels: int = 1,
+        ignore_index: int | None = None,
+    ) -> "UncertaintyControlNetModel":
+        r"""
+        Build the `shared_trunk` variant around one existing `ControlNetModel` (used as it is, not copied): its
+        conditioning embedding becomes the semantic embedding, its trunk the shared trunk, and a new uncertainty
+        embedding (zero output convolution, so it adds nothing until trained) is added.
+
+        Args:
+            controlnet (`ControlNetModel`):
+                E.g. a Hub segmentation ControlNet; its `conditioning_channels` becomes `semantic_channels`.
+            uncertainty_channels (`int`, defaults to 1):
+                Channels of the uncertainty map.
+            ignore_index (`int`, *optional*):
+                Label value of unlabeled pixels.
+        """
+        if not isinstance(controlnet, ControlNetModel):
+            raise ValueError(f"`controlnet` must be a diffusers `ControlNetModel`, but got {type(controlnet).__name__}.")
+        if isinstance(controlnet.controlnet_cond_embedding, nn.Identity):
+            raise ValueError("`controlnet` is already the trunk of a shared-trunk UncertaintyControlNetModel.")
+        return cls._wrap(controlnet.config.conditioning_channels, uncertainty_channels, ignore_index, trunk=controlnet)
+
+    @classmethod
     def _wrap(
         cls,
         semantic_channels,
         uncertainty_channels,
         ignore_index,
         trunk=None,
-        seed_embedding=False,
         semantic_controlnet=None,
         uncertainty_controlnet=None,
     ):

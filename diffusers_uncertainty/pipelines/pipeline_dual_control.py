@@ -110,6 +110,15 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 f"`controlnet` must be an UncertaintyControlNetModel, but got {type(controlnet).__name__}. Build one "
                 "with UncertaintyControlNetModel.from_unet(...) or .from_controlnets(semantic, uncertainty)."
             )
+        for net in {id(net): net for net in controlnet.nets}.values():
+            factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+            vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            if factor != vae_factor:
+                raise ValueError(
+                    f"`controlnet` reduces its conditions by {factor} (conditioning_embedding_out_channels="
+                    f"{list(net.config.conditioning_embedding_out_channels)}), but the VAE's latents are 1/{vae_factor} "
+                    f"of the image. Build it with {int(vae_factor).bit_length()} conditioning_embedding_out_channels."
+                )
         if safety_checker is None and requires_safety_checker:
             logger.warning(f"You have disabled the safety checker for {self.__class__.__name__}.")
         if safety_checker is not None and feature_extractor is None:

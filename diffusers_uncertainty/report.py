@@ -1,13 +1,13 @@
 """The workflow's final report: a metrics table read back from the evaluations, and a picture of the idea."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
+from .atomic import save_image_atomic, write_text_atomic
 from .conditioning import label_maps_to_tensor, prepare_uncertainty_map
 
 
@@ -179,9 +179,7 @@ def write_report(config: dict, out: Path, root: Path, base_path: str, control: P
         report_config.get("prompt", (config.get("control", {}).get("args") or {}).get("default_prompt", "")),
         report_config.get("num_inference_steps", 20),
     )
-    temporary = report_dir / "grid.tmp.png"
-    grid.save(temporary)
-    os.replace(temporary, report_dir / "grid.png")
+    save_image_atomic(report_dir / "grid.png", grid)
 
     columns = ["label map", "target uncertainty map", "generated (that map)"] + [f"u = {level}" for level in levels]
     lines = [
@@ -206,7 +204,5 @@ def write_report(config: dict, out: Path, root: Path, base_path: str, control: P
         "![generated samples](grid.png)",
         "",
     ]
-    temporary = report_dir / "report.tmp.md"
-    temporary.write_text("\n".join(lines))
-    os.replace(temporary, report_dir / "report.md")
+    write_text_atomic(report_dir / "report.md", "\n".join(lines))
     return report_dir / "report.md"

@@ -9,7 +9,6 @@ the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty 
 """
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from .atomic import write_json_atomic
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -301,9 +302,7 @@ def _run_stage(stage: Stage, launch_args: list[str]) -> float:
             )
     stage.output.mkdir(parents=True, exist_ok=True)
     marker = {"stage": stage.name, "command": command, "seconds": round(time.perf_counter() - start, 1)}
-    temporary = stage.output / (MARKER + ".tmp")
-    temporary.write_text(json.dumps(marker, indent=2))
-    os.replace(temporary, stage.output / MARKER)
+    write_json_atomic(stage.output / MARKER, marker)
     return marker["seconds"]
 
 

@@ -1,7 +1,7 @@
 """diffusers-uncertainty: uncertainty-aware dual-control ControlNets for Hugging Face diffusers."""
 
 from .conditioning import prepare_semantic_map, prepare_uncertainty_map
-from .models import UncertaintyControlNetModel
+from .models import StyleEncoderModel, UncertaintyControlNetModel
 from .pipelines import DualControlPipelineOutput, StableDiffusionDualControlPipeline
 from .registration import register_with_diffusers
 from .tiny import build_tiny_components, build_tiny_pipeline, write_tiny_tokenizer
@@ -9,11 +9,14 @@ from .tiny import build_tiny_components, build_tiny_pipeline, write_tiny_tokeniz
 
 __version__ = "0.1.0"
 
-register_with_diffusers(models=[UncertaintyControlNetModel], pipelines=[StableDiffusionDualControlPipeline])
+register_with_diffusers(
+    models=[UncertaintyControlNetModel, StyleEncoderModel], pipelines=[StableDiffusionDualControlPipeline]
+)
 
 __all__ = [
     "DualControlPipelineOutput",
     "StableDiffusionDualControlPipeline",
+    "StyleEncoderModel",
     "UncertaintyControlNetModel",
     "build_tiny_components",
     "build_tiny_pipeline",

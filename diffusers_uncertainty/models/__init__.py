@@ -1,3 +1,10 @@
+from .style_encoder import StyleEncoderModel, StyleEncoderOutput, combine_text_and_style, prepare_style_images
 from .uncertainty_controlnet import UncertaintyControlNetModel
 
-__all__ = ["UncertaintyControlNetModel"]
+__all__ = [
+    "StyleEncoderModel",
+    "StyleEncoderOutput",
+    "UncertaintyControlNetModel",
+    "combine_text_and_style",
+    "prepare_style_images",
+]

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from diffusers_uncertainty.segmentation import (
     UNCERTAINTY_ESTIMATORS,
-    SegmentationModel,
     SegmentationTransform,
     TransformedDataset,
     load_segmentation_data,
+    load_segmenter,
 )
 from diffusers_uncertainty.segmentation.data import list_collate
 from diffusers_uncertainty.segmentation.io_utils import (
@@ -46,7 +46,7 @@ def parse_args(input_args=None):
     """
     parser = argparse.ArgumentParser(description="Write uncertainty maps and per-image scores of a segmenter.")
     parser.add_argument("--model", type=str, nargs="+", required=True,
-                        help="Saved SegmentationModel(s) (folder or Hub id); several for --estimator ensemble.")
+                        help="Saved segmenter(s) (SegmentationModel or LatentDiffusionSegmenter folder or Hub id); several for --estimator ensemble.")
     parser.add_argument("--data_dir", type=str, required=True,
                         help="Folder of images (or `images/` + optional `labels/`), saved dataset, or Hub dataset id.")
     parser.add_argument("--dataset_split", type=str, default="train")
@@ -71,7 +71,7 @@ def build_estimator(args, models):
 
     Args:
         args (`argparse.Namespace`): Parsed arguments.
-        models (`List[SegmentationModel]`): Loaded models.
+        models (`List[ModelMixin]`): Loaded models.
     """
     if args.estimator == "entropy":
         return UNCERTAINTY_ESTIMATORS["entropy"](models[0])
@@ -87,7 +87,7 @@ def main(args):
         args (`argparse.Namespace`): From [`parse_args`].
     """
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    models = [SegmentationModel.from_pretrained(m).to(accelerator.device).eval() for m in args.model]
+    models = [load_segmenter(m).to(accelerator.device).eval() for m in args.model]
     strides = {m.output_stride for m in models}
     dataset = load_segmentation_data(
         args.data_dir, num_classes=models[0].config.num_classes, ignore_index=models[0].config.ignore_index,

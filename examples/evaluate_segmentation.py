@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from diffusers_uncertainty.segmentation import (
     SegmentationMetrics,
-    SegmentationModel,
     SegmentationTransform,
     TransformedDataset,
     load_segmentation_data,
+    load_segmenter,
     metrics_to_markdown,
     normalized_entropy,
 )
@@ -45,7 +45,7 @@ def parse_args(input_args=None):
         input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
     """
     parser = argparse.ArgumentParser(description="Evaluate a segmenter on a labeled folder or dataset.")
-    parser.add_argument("--model", type=str, required=True, help="Saved SegmentationModel (folder or Hub id).")
+    parser.add_argument("--model", type=str, required=True, help="Saved segmenter (SegmentationModel or LatentDiffusionSegmenter folder or Hub id).")
     parser.add_argument("--data_dir", type=str, required=True, help="`images/` + `labels/` folder, saved dataset or Hub id.")
     parser.add_argument("--dataset_split", type=str, default="train")
     parser.add_argument("--image_column", type=str, default="image")
@@ -92,7 +92,7 @@ def main(args):
         args (`argparse.Namespace`): From [`parse_args`].
     """
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    model = SegmentationModel.from_pretrained(args.model).to(accelerator.device).eval()
+    model = load_segmenter(args.model).to(accelerator.device).eval()
     num_classes = args.num_classes or model.config.num_classes
     ignore_index = model.config.ignore_index if args.ignore_index is None else args.ignore_index
     if num_classes != model.config.num_classes:

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-uncertainty authors. Apache-2.0.
 """Train a semantic segmentation network (source only, photometric augmentation, or FLEX-Seg noise-aware training
-on real + synthetic data).
+on real + synthetic data), either an encoder-decoder from segmentation-models-pytorch (`--model smp`, default) or a
+latent-diffusion segmenter on a frozen diffusers base (`--model latent_diffusion`, ICCLD), optionally aligned to an
+unlabeled target domain with a gradient-reversal domain discriminator (`--adversarial_weight`,
+`--unlabeled_data_dir`).
 
 The structure (argument names, accelerate setup, checkpointing with `--checkpointing_steps` /
 `--resume_from_checkpoint`, trackers, Hub upload) follows diffusers' `examples/controlnet/train_controlnet.py`.
@@ -10,6 +13,11 @@ The structure (argument names, accelerate setup, checkpointing with `--checkpoin
         --train_data_dir ../shared/data/camvid_daydusk/source/train \
         --validation_data_dir ../shared/data/camvid_daydusk/target/val \
         --num_classes 11 --ignore_index 11 --resolution 128 --max_train_steps 300 --output_dir runs/source_only
+
+    accelerate launch examples/train_segmentation.py --model latent_diffusion --base_model_name_or_path runs/base \
+        --adversarial_weight 0.1 --unlabeled_data_dir ../shared/data/camvid_daydusk/target/train \
+        --train_data_dir ../shared/data/camvid_daydusk/source/train --num_classes 11 --ignore_index 11 \
+        --resolution 128 --max_train_steps 300 --output_dir runs/iccld
 """
 
 import argparse
@@ -28,13 +36,17 @@ from tqdm.auto import tqdm
 
 from diffusers.optimization import get_scheduler
 from diffusers_uncertainty.segmentation import (
+    DomainDiscriminator,
     FlexSegLoss,
     HardnessAwareSampler,
+    LatentDiffusionSegmenter,
     PhotometricAugmentation,
     SegmentationMetrics,
     SegmentationTransform,
     TransformedDataset,
     create_segmentation_model,
+    dann_lambda,
+    domain_adversarial_loss,
     load_segmentation_data,
     metrics_to_markdown,
     mixture_weights,
@@ -50,6 +62,13 @@ from diffusers_uncertainty.segmentation.io_utils import (
 
 
 logger = get_logger(__name__)
+
+
+def cycle(dataloader):
+    """Endless iteration over a data loader (a new shuffled pass each time one ends)."""
+    while True:
+        yield from dataloader
+
 
 FLEXSEG_DEFAULTS = {
     "ube_weight": 1.0,
@@ -91,13 +110,35 @@ def parse_args(input_args=None):
                         help="Random brightness, contrast, gamma, blur and noise on training images.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # Model
+    parser.add_argument("--model", type=str, default="smp", choices=["smp", "latent_diffusion"],
+                        help="`smp`: encoder-decoder from segmentation-models-pytorch (--architecture, --encoder_*). "
+                             "`latent_diffusion`: decoder on the frozen VAE/UNet of --base_model_name_or_path (ICCLD).")
     parser.add_argument("--architecture", type=str, default="unet")
     parser.add_argument("--encoder_name", type=str, default="resnet18")
     parser.add_argument("--encoder_depth", type=int, default=5)
-    parser.add_argument("--decoder_channels", type=int, nargs="+", default=None)
+    parser.add_argument("--decoder_channels", type=int, nargs="+", default=None,
+                        help="smp: one width per encoder stage (unet-like). latent_diffusion: one value, the decoder "
+                             "width at latent resolution (default 64).")
     parser.add_argument("--encoder_weights", type=str, default=None,
                         help="Pretrained encoder weights (e.g. `imagenet`); default random init. Unreachable -> random init.")
     parser.add_argument("--dropout", type=float, default=0.1, help="Dropout before the head (used by MC-dropout).")
+    # Latent-diffusion segmenter (--model latent_diffusion)
+    parser.add_argument("--base_model_name_or_path", type=str, default=None,
+                        help="Diffusers Stable Diffusion pipeline folder or Hub id whose VAE and UNet are read (frozen).")
+    parser.add_argument("--feature_timestep", type=int, default=50,
+                        help="Timestep the latent is noised to before the UNet reads it.")
+    parser.add_argument("--unet_feature_blocks", type=int, nargs="+", default=None,
+                        help="Indices of the UNet up blocks whose outputs feed the decoder (default: all).")
+    parser.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the UNet's attention (0: UNet frozen).")
+    # Adversarial domain alignment (--model latent_diffusion)
+    parser.add_argument("--adversarial_weight", type=float, default=0.0,
+                        help="Final gradient-reversal strength of the domain discriminator (DANN ramp-up from 0); "
+                             "0 disables adversarial alignment.")
+    parser.add_argument("--unlabeled_data_dir", type=str, default=None,
+                        help="Unlabeled target images (folder or dataset) for adversarial alignment.")
+    parser.add_argument("--discriminator_learning_rate", type=float, default=None,
+                        help="Learning rate of the domain discriminator (default: --learning_rate).")
+    parser.add_argument("--discriminator_channels", type=int, default=64, help="Width of the domain discriminator.")
     # Losses
     parser.add_argument("--flexseg", action="store_true",
                         help="FLEX-Seg: sets ube/band/proto weights and hardness sampling to their defaults unless given.")
@@ -160,6 +201,7 @@ def parse_args(input_args=None):
         raise ValueError(
             f"`--band_weights` ({len(args.band_weights)}) must have one weight per `--band_radii` ({len(args.band_radii)})."
         )
+    check_model_args(args)
     if args.max_train_steps < 1:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.class_names is not None and args.classes_json is not None:
@@ -170,6 +212,87 @@ def parse_args(input_args=None):
     if args.class_names is not None and len(args.class_names) != args.num_classes:
         raise ValueError(f"Expected {args.num_classes} class names (`--num_classes`), got {len(args.class_names)}.")
     return args
+
+
+def check_model_args(args) -> None:
+    """Raises a `ValueError` for flags that do not fit `--model` (before any data is read).
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+    """
+    latent = args.model == "latent_diffusion"
+    if latent and not args.base_model_name_or_path:
+        raise ValueError(
+            "`--model latent_diffusion` needs `--base_model_name_or_path` (a diffusers pipeline folder or Hub id), got none."
+        )
+    if not latent:
+        for flag, value, default in (
+            ("base_model_name_or_path", args.base_model_name_or_path, None),
+            ("unet_feature_blocks", args.unet_feature_blocks, None),
+            ("lora_rank", args.lora_rank, 0),
+            ("adversarial_weight", args.adversarial_weight, 0.0),
+            ("unlabeled_data_dir", args.unlabeled_data_dir, None),
+        ):
+            if value != default:
+                raise ValueError(f"`--{flag}` is only used with `--model latent_diffusion`, but `--model` is {args.model!r}.")
+        return
+    if args.encoder_weights is not None:
+        raise ValueError(
+            f"`--encoder_weights` is for `--model smp`; `--model latent_diffusion` reads the frozen base, got "
+            f"{args.encoder_weights!r}."
+        )
+    if args.decoder_channels is not None and len(args.decoder_channels) != 1:
+        raise ValueError(
+            f"`--decoder_channels` takes one value (the width at latent resolution) with `--model latent_diffusion`, "
+            f"got {args.decoder_channels}."
+        )
+    if args.adversarial_weight < 0:
+        raise ValueError(f"`--adversarial_weight` must be >= 0, got {args.adversarial_weight}.")
+    if args.adversarial_weight > 0 and not args.unlabeled_data_dir:
+        raise ValueError(
+            f"`--adversarial_weight` {args.adversarial_weight} needs `--unlabeled_data_dir` (unlabeled target images), got none."
+        )
+    if args.unlabeled_data_dir and args.adversarial_weight == 0:
+        raise ValueError("`--unlabeled_data_dir` is only read for adversarial alignment; set `--adversarial_weight` > 0.")
+    if args.lora_rank < 0:
+        raise ValueError(f"`--lora_rank` must be >= 0, got {args.lora_rank}.")
+
+
+def build_model(args):
+    """The segmenter chosen with `--model`.
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+
+    Returns:
+        [`SegmentationModel`] or [`LatentDiffusionSegmenter`]
+    """
+    class_names = tuple(args.class_names) if args.class_names else None
+    if args.model == "latent_diffusion":
+        return LatentDiffusionSegmenter(
+            base_model_name_or_path=args.base_model_name_or_path,
+            num_classes=args.num_classes,
+            ignore_index=args.ignore_index,
+            class_names=class_names,
+            feature_timestep=args.feature_timestep,
+            unet_feature_blocks=tuple(args.unet_feature_blocks) if args.unet_feature_blocks else None,
+            decoder_channels=args.decoder_channels[0] if args.decoder_channels else 64,
+            dropout=args.dropout,
+            lora_rank=args.lora_rank,
+            noise_seed=args.seed or 0,
+        )
+    return create_segmentation_model(
+        architecture=args.architecture,
+        encoder_name=args.encoder_name,
+        num_classes=args.num_classes,
+        encoder_weights=args.encoder_weights,
+        encoder_depth=args.encoder_depth,
+        decoder_channels=tuple(args.decoder_channels) if args.decoder_channels else None,
+        in_channels=3,
+        dropout=args.dropout,
+        ignore_index=args.ignore_index,
+        class_names=class_names,
+    )
 
 
 def method_name(args) -> str:
@@ -185,6 +308,8 @@ def method_name(args) -> str:
         parts.append("photometric-augmentation")
     if args.synthetic_data_dir:
         parts.append("synthetic")
+    if args.adversarial_weight > 0:
+        parts.append("adversarial")
     return "+".join(parts) if parts else "source-only"
 
 
@@ -270,6 +395,11 @@ def write_model_card(args, repo_id, validation_metrics):
         losses.append(f"{args.proto_weight} x granular prototype contrast (momentum {args.proto_momentum})")
     if args.hardness_sampling:
         losses.append(f"hardness-aware sampling (max mix {args.hardness_max}, gamma {args.hardness_gamma})")
+    if args.adversarial_weight > 0:
+        losses.append(
+            f"domain-adversarial alignment on `{args.unlabeled_data_dir}` (gradient reversal, DANN ramp-up to "
+            f"{args.adversarial_weight})"
+        )
     if validation_metrics is not None:
         validation = f"On `{args.validation_data_dir}`:\n\n" + metrics_to_markdown(validation_metrics)
     else:
@@ -279,13 +409,14 @@ def write_model_card(args, repo_id, validation_metrics):
         "repo_id": repo_id,
         "method": method_name(args),
         "method_tag": method_name(args).replace("+", "-"),
-        "architecture": args.architecture,
-        "encoder_name": args.encoder_name,
-        "encoder_depth": args.encoder_depth,
+        "architecture": args.architecture if args.model == "smp" else "latent_diffusion",
+        "encoder_name": args.encoder_name if args.model == "smp" else
+        f"frozen VAE + UNet of {args.base_model_name_or_path}, timestep {args.feature_timestep}, LoRA rank {args.lora_rank}",
+        "encoder_depth": args.encoder_depth if args.model == "smp" else "-",
         "num_classes": args.num_classes,
         "ignore_index": args.ignore_index,
         "dropout": args.dropout,
-        "encoder_init": args.encoder_weights or "random",
+        "encoder_init": (args.encoder_weights or "random") if args.model == "smp" else "the frozen diffusion base",
         "train_data": ", ".join(f"`{s}`" for s in args.train_data_dir + args.synthetic_data_dir),
         "losses": "; ".join(losses) + (" + photometric augmentation" if args.photometric_augmentation else ""),
         "max_train_steps": args.max_train_steps,
@@ -337,18 +468,18 @@ def main(args):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    model = create_segmentation_model(
-        architecture=args.architecture,
-        encoder_name=args.encoder_name,
-        num_classes=args.num_classes,
-        encoder_weights=args.encoder_weights,
-        encoder_depth=args.encoder_depth,
-        decoder_channels=tuple(args.decoder_channels) if args.decoder_channels else None,
-        in_channels=3,
-        dropout=args.dropout,
-        ignore_index=args.ignore_index,
-        class_names=tuple(args.class_names) if args.class_names else None,
-    )
+    unlabeled_dataset = None
+    if args.adversarial_weight > 0:
+        unlabeled_data = load_segmentation_data(
+            args.unlabeled_data_dir, args.num_classes, args.ignore_index, require_labels=False,
+            split=args.dataset_split, image_column=args.image_column, label_column="__none__",
+            argument="--unlabeled_data_dir",
+        )
+        # Target images get the geometric training transform only: photometric augmentation would blur the very
+        # domain difference the discriminator should see.
+        unlabeled_dataset = TransformedDataset(unlabeled_data, SegmentationTransform(args.resolution, train=True))
+
+    model = build_model(args)
     if args.resolution % model.output_stride:
         raise ValueError(
             f"`--resolution` must be divisible by the network stride {model.output_stride}, got {args.resolution}."
@@ -400,6 +531,24 @@ def main(args):
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
+    discriminator = None
+    if unlabeled_dataset is not None:
+        # Discriminator, its optimizer and the target loader are prepared too, so checkpoints hold their state.
+        discriminator = DomainDiscriminator(
+            accelerator.unwrap_model(model).latent_channels, hidden_channels=args.discriminator_channels
+        )
+        discriminator_optimizer = torch.optim.AdamW(
+            discriminator.parameters(), lr=args.discriminator_learning_rate or args.learning_rate,
+            weight_decay=args.weight_decay,
+        )
+        unlabeled_dataloader = DataLoader(
+            unlabeled_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+            drop_last=len(unlabeled_dataset) >= args.train_batch_size,
+        )
+        discriminator, discriminator_optimizer, unlabeled_dataloader = accelerator.prepare(
+            discriminator, discriminator_optimizer, unlabeled_dataloader
+        )
+        unlabeled_batches = cycle(unlabeled_dataloader)
     # Prototype bank and sampler state go into every checkpoint too.
     accelerator.register_for_checkpointing(loss_fn)
     if sampler is not None:
@@ -415,6 +564,8 @@ def main(args):
     logger.info(f"  Num examples = {len(train_dataset)} (sources: {lengths})")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    if discriminator is not None:
+        logger.info(f"  Adversarial alignment on {len(unlabeled_dataset)} unlabeled images, weight {args.adversarial_weight}")
 
     global_step = 0
     if args.resume_from_checkpoint:
@@ -444,15 +595,40 @@ def main(args):
     while global_step < args.max_train_steps:
         for batch in train_dataloader:
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    output = model(batch["pixel_values"], return_features=loss_fn.needs_features)
-                terms = loss_fn(output.logits, batch["labels"], output.features, reduce_fn=reduce_fn)
-                accelerator.backward(terms["loss"])
+                if discriminator is None:
+                    with accelerator.autocast():
+                        output = model(batch["pixel_values"], return_features=loss_fn.needs_features)
+                    terms = loss_fn(output.logits, batch["labels"], output.features, reduce_fn=reduce_fn)
+                    loss = terms["loss"]
+                else:
+                    # Source and target in one forward pass (the decoder's GroupNorm is per sample, so the target
+                    # images do not change the source predictions); segmentation loss on the source part,
+                    # discriminator loss through gradient reversal on both.
+                    target_pixels = next(unlabeled_batches)["pixel_values"]
+                    num_source = batch["pixel_values"].shape[0]
+                    strength = dann_lambda(min(1.0, global_step / args.max_train_steps), args.adversarial_weight)
+                    with accelerator.autocast():
+                        output = model(torch.cat([batch["pixel_values"], target_pixels]),
+                                       return_features=loss_fn.needs_features, return_latent_features=True)
+                        domain = torch.cat([torch.zeros(num_source), torch.ones(target_pixels.shape[0])])
+                        adversarial = domain_adversarial_loss(
+                            discriminator, output.latent_features, domain.to(accelerator.device), strength
+                        )
+                    features = output.features[:num_source] if output.features is not None else None
+                    terms = loss_fn(output.logits[:num_source], batch["labels"], features, reduce_fn=reduce_fn)
+                    terms["adversarial_loss"] = adversarial["loss"]
+                    terms["discriminator_accuracy"] = adversarial["accuracy"]
+                    terms["reversal_strength"] = torch.tensor(strength)
+                    loss = terms["loss"] + adversarial["loss"]
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+                if discriminator is not None:
+                    discriminator_optimizer.step()
+                    discriminator_optimizer.zero_grad()
             if sampler is not None:
                 indices, losses = accelerator.gather((batch["index"].to(accelerator.device), terms["per_sample"]))
                 sampler.update(indices, losses)

@@ -12,6 +12,8 @@ from .data import (
     load_segmentation_data,
     mixture_weights,
 )
+from .adversarial import DomainDiscriminator, GradientReversal, dann_lambda, domain_adversarial_loss, reverse_gradient
+from .latent_diffusion import LatentDiffusionSegmenter, LatentSegmentationOutput
 from .losses import (
     FlexSegLoss,
     GranularPrototypeBank,
@@ -29,6 +31,7 @@ from .models import (
     SegmentationModel,
     SegmentationOutput,
     create_segmentation_model,
+    load_segmenter,
     register_segmentation_architecture,
 )
 from .sampling import HardnessAwareSampler
@@ -46,6 +49,14 @@ from .uncertainty import (
 
 
 __all__ = [
+    "DomainDiscriminator",
+    "GradientReversal",
+    "LatentDiffusionSegmenter",
+    "LatentSegmentationOutput",
+    "dann_lambda",
+    "domain_adversarial_loss",
+    "load_segmenter",
+    "reverse_gradient",
     "EnsembleEstimator",
     "EntropyEstimator",
     "FlexSegLoss",

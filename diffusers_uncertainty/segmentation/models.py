@@ -277,3 +277,34 @@ def create_segmentation_model(
     if encoder_weights is not None:
         model.load_encoder_weights(encoder_weights)
     return model
+
+
+def load_segmenter(pretrained_model_name_or_path: str, **kwargs) -> ModelMixin:
+    """Loads any saved segmenter of this package: reads the folder's `config.json` and dispatches on its
+    `_class_name` ([`SegmentationModel`] or [`~segmentation.latent_diffusion.LatentDiffusionSegmenter`]).
+
+    Args:
+        pretrained_model_name_or_path (`str`): Folder or Hub id written by `save_pretrained`.
+        **kwargs: Passed to the class's `from_pretrained` (e.g. `base_model_name_or_path=` for a latent-diffusion
+            segmenter whose base moved).
+
+    Returns:
+        [`SegmentationModel`] or [`~segmentation.latent_diffusion.LatentDiffusionSegmenter`]
+    """
+    from .latent_diffusion import LatentDiffusionSegmenter
+
+    classes = {cls.__name__: cls for cls in (SegmentationModel, LatentDiffusionSegmenter)}
+    try:
+        config = SegmentationModel.load_config(pretrained_model_name_or_path)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ValueError(
+            f"Expected a saved segmenter (folder or Hub id with a config.json), got {pretrained_model_name_or_path!r} "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    class_name = config.get("_class_name")
+    if class_name not in classes:
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is not a segmenter: its config's `_class_name` is {class_name!r}, "
+            f"expected one of {sorted(classes)}."
+        )
+    return classes[class_name].from_pretrained(pretrained_model_name_or_path, **kwargs)

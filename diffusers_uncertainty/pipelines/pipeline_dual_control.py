@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
+from ..models.style_encoder import StyleEncoderModel, combine_text_and_style, prepare_style_images
 from ..models.uncertainty_controlnet import UncertaintyControlNetModel
 
 
@@ -81,13 +82,17 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             Flags offensive outputs; `None` to disable.
         feature_extractor (`CLIPImageProcessor`, *optional*):
             Inputs for the safety checker.
+        style_encoder (`StyleEncoderModel`, *optional*):
+            Turns `style_images` into style tokens for the UNet's and the controls' cross-attention (Style-Extracting
+            Diffusion Models). Without it, or without `style_images`, the pipeline runs exactly as it would without
+            style conditioning.
         requires_safety_checker (`bool`, defaults to `False`):
             Warn when no safety checker is given. Off by default: the outputs are medical and street-scene
             training data, not images for the public.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor"]
+    model_cpu_offload_seq = "text_encoder->style_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "style_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -101,6 +106,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         scheduler: KarrasDiffusionSchedulers,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        style_encoder: StyleEncoderModel | None = None,
         requires_safety_checker: bool = False,
     ):
         # Not super().__init__: the parent also registers an IP-adapter image encoder this pipeline does not use.
@@ -119,6 +125,14 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     f"{list(net.config.conditioning_embedding_out_channels)}), but the VAE's latents are 1/{vae_factor} "
                     f"of the image. Build it with {int(vae_factor).bit_length()} conditioning_embedding_out_channels."
                 )
+        if style_encoder is not None:
+            if not isinstance(style_encoder, StyleEncoderModel):
+                raise ValueError(f"`style_encoder` must be a StyleEncoderModel or None, but got {type(style_encoder).__name__}.")
+            if style_encoder.config.cross_attention_dim != unet.config.cross_attention_dim:
+                raise ValueError(
+                    f"`style_encoder` makes tokens of width {style_encoder.config.cross_attention_dim}, but the UNet's "
+                    f"cross_attention_dim is {unet.config.cross_attention_dim}."
+                )
         if safety_checker is None and requires_safety_checker:
             logger.warning(f"You have disabled the safety checker for {self.__class__.__name__}.")
         if safety_checker is not None and feature_extractor is None:
@@ -132,6 +146,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             scheduler=scheduler,
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
+            style_encoder=style_encoder,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
@@ -217,6 +232,81 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     f"branch, but got start={control_guidance_start} and end={control_guidance_end}."
                 )
 
+    def prepare_style_sets(self, style_images, batch_size: int, style_guidance_scale: float) -> list[torch.Tensor] | None:
+        r"""
+        Validate and convert `style_images` (no model runs): `None` without style images, else one
+        `(num_images, C, S, S)` tensor per set (one set shared by all prompts, or one per prompt).
+
+        Args:
+            style_images:
+                `None`; one set (an image or a list of images: PIL, numpy `(H, W[, C])`, torch `(C, H, W)`); or a list
+                of `batch_size` sets (lists), one per prompt.
+            batch_size (`int`):
+                Number of prompts (after broadcasting).
+            style_guidance_scale (`float`):
+                The style guidance scale (only checked here).
+        """
+        if style_images is None:
+            if style_guidance_scale != 1.0:
+                raise ValueError(
+                    f"`style_guidance_scale` is {style_guidance_scale}, but no `style_images` were given; it guides "
+                    "towards the style of `style_images`."
+                )
+            return None
+        if self.style_encoder is None:
+            raise ValueError(
+                "`style_images` were given, but the pipeline has no `style_encoder`: load one with "
+                "StyleEncoderModel.from_pretrained(...) and pass `style_encoder=` to the pipeline."
+            )
+        config = self.style_encoder.config
+        per_prompt = (
+            isinstance(style_images, (list, tuple))
+            and len(style_images) > 0
+            and all(isinstance(item, (list, tuple)) for item in style_images)
+        )
+        if per_prompt:
+            if len(style_images) not in (1, batch_size):
+                raise ValueError(
+                    f"`style_images` holds {len(style_images)} sets (one per prompt), but there are {batch_size} prompts."
+                )
+            names = [f"style_images[{index}]" for index in range(len(style_images))]
+        else:
+            style_images, names = [style_images], ["style_images"]
+        sets = [
+            prepare_style_images(images, config.in_channels, config.image_size, argument=name)
+            for images, name in zip(style_images, names)
+        ]
+        for images, name in zip(sets, names):
+            if config.aggregation == "mlp" and images.shape[0] > config.max_style_images:
+                raise ValueError(
+                    f"`{name}` holds {images.shape[0]} images, but the style encoder's `mlp` aggregation takes at most "
+                    f"max_style_images={config.max_style_images}."
+                )
+        return sets
+
+    def encode_style(self, style_sets: list[torch.Tensor], batch_size: int, num_images_per_prompt: int, device):
+        r"""
+        Style tokens `(batch_size * num_images_per_prompt, num_tokens, dim)` in the order of the prompt embeddings
+        (each prompt's images consecutive, as `encode_prompt` orders them).
+
+        Args:
+            style_sets (`list[torch.Tensor]`):
+                From [`~StableDiffusionDualControlPipeline.prepare_style_sets`]: one set, or one per prompt.
+            batch_size (`int`):
+                Number of prompts.
+            num_images_per_prompt (`int`):
+                Images per prompt.
+            device (`torch.device`):
+                Where the tokens go.
+        """
+        dtype = self.style_encoder.dtype
+        embeds = torch.cat(
+            [self.style_encoder(images[None].to(device=device, dtype=dtype)).style_embeds for images in style_sets]
+        )
+        if embeds.shape[0] == 1:
+            embeds = embeds.expand(batch_size, -1, -1)
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -245,6 +335,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        style_images=None,
+        style_guidance_scale: float = 1.0,
     ):
         r"""
         Generate images from label maps and uncertainty maps.
@@ -307,6 +399,19 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 Called as `callback_on_step_end(self, step, timestep, callback_kwargs)` after every step.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in `callback_kwargs`.
+            style_images (*optional*):
+                Example images of the wanted style (needs a `style_encoder`): one set shared by all prompts (a PIL
+                image, a numpy `(H, W[, C])` array, a torch `(C, H, W)` tensor in [0, 1] or uint8, or a list of them),
+                or a list of sets, one per prompt (each a list). The encoder's aggregation merges the images of a set.
+                The style tokens join the text embeddings as the encoder's `conditioning_mode` says (`concat`:
+                appended; `replace`: instead of them) for the UNet and both controls. `None`: no style conditioning.
+            style_guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance towards the style, against the encoder's learned null style. At 1.0 the
+                style is in every branch (no extra cost). Above 1 with `guidance_scale` > 1, three branches are run
+                (as InstructPix2Pix composes image and text guidance): `e = e(neg, null) + guidance_scale * (e(text,
+                null) - e(neg, null)) + style_guidance_scale * (e(text, style) - e(text, null))`; with
+                `guidance_scale` <= 1, two: `e = e(text, null) + style_guidance_scale * (e(text, style) - e(text,
+                null))`. Not combined with `guess_mode`.
 
         Returns:
             [`DualControlPipelineOutput`] or `tuple`.
@@ -369,6 +474,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             if isinstance(negative_prompt, list) and len(negative_prompt) == 1:
                 negative_prompt = negative_prompt * batch_size
 
+        style_sets = self.prepare_style_sets(style_images, batch_size, style_guidance_scale)
+
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -376,6 +483,14 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         device = self._execution_device
         guess_mode = guess_mode or controlnet.nets[0].config.global_pool_conditions
         total = batch_size * num_images_per_prompt
+        guide_style = style_sets is not None and style_guidance_scale > 1.0
+        # Branches of the guidance batch: [uncond, cond] as in diffusers, one more for separate style guidance.
+        num_branches = 1 + int(self.do_classifier_free_guidance) + int(guide_style)
+        if guess_mode and num_branches == 3:
+            raise ValueError(
+                "`guess_mode` cannot be combined with `style_guidance_scale` > 1 and `guidance_scale` > 1 (three "
+                "guidance branches); set one of the scales to 1."
+            )
 
         # 2. Encode the prompt (StableDiffusionControlNetPipeline.encode_prompt).
         text_encoder_lora_scale = (
@@ -392,8 +507,21 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             lora_scale=text_encoder_lora_scale,
             clip_skip=self.clip_skip,
         )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        if style_sets is None:
+            if self.do_classifier_free_guidance:
+                prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        else:
+            # Style tokens join the text embeddings of every branch; the null style stands for "no style".
+            style_embeds = self.encode_style(style_sets, batch_size, num_images_per_prompt, device)
+            null_style = self.style_encoder.get_null_style(total).to(device)
+            mode = self.style_encoder.config.conditioning_mode
+            branches = []
+            if self.do_classifier_free_guidance:
+                branches.append(combine_text_and_style(negative_prompt_embeds, null_style if guide_style else style_embeds, mode))
+            if guide_style:
+                branches.append(combine_text_and_style(prompt_embeds, null_style, mode))
+            branches.append(combine_text_and_style(prompt_embeds, style_embeds, mode))
+            prompt_embeds = torch.cat(branches)
 
         # 3. Conditions: repeated as StableDiffusionControlNetPipeline.prepare_image repeats its control images.
         def expand(condition):
@@ -401,8 +529,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 return None
             repeat_by = total if condition.shape[0] == 1 else num_images_per_prompt
             condition = condition.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=controlnet.dtype)
-            if self.do_classifier_free_guidance and not guess_mode:
-                condition = torch.cat([condition] * 2)
+            if num_branches > 1 and not guess_mode:
+                condition = torch.cat([condition] * num_branches)
             return condition
 
         controlnet_cond = [expand(one_hot), expand(uncertainty)]
@@ -443,9 +571,9 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = torch.cat([latents] * num_branches) if num_branches > 1 else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                if guess_mode and self.do_classifier_free_guidance:
+                if guess_mode and num_branches > 1:
                     control_model_input = self.scheduler.scale_model_input(latents, t)
                     controlnet_prompt_embeds = prompt_embeds.chunk(2)[1]
                 else:
@@ -462,7 +590,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     guess_mode=guess_mode,
                     return_dict=False,
                 )
-                if guess_mode and self.do_classifier_free_guidance:
+                if guess_mode and num_branches > 1:
                     down_block_res_samples = [torch.cat([torch.zeros_like(d), d]) for d in down_block_res_samples]
                     mid_block_res_sample = torch.cat([torch.zeros_like(mid_block_res_sample), mid_block_res_sample])
 
@@ -476,9 +604,18 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     mid_block_additional_residual=mid_block_res_sample,
                     return_dict=False,
                 )[0]
-                if self.do_classifier_free_guidance:
+                if num_branches == 3:
+                    noise_pred_uncond, noise_pred_null_style, noise_pred_style = noise_pred.chunk(3)
+                    noise_pred = (
+                        noise_pred_uncond
+                        + self.guidance_scale * (noise_pred_null_style - noise_pred_uncond)
+                        + style_guidance_scale * (noise_pred_style - noise_pred_null_style)
+                    )
+                elif num_branches == 2:
+                    # [uncond, cond] in diffusers' order; the guided condition is the text, or the style alone.
+                    scale = self.guidance_scale if self.do_classifier_free_guidance else style_guidance_scale
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    noise_pred = noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -63,10 +63,10 @@ SCALES = {
     "gpu": {
         "resolution": 128,
         "base": ["--vae_block_out_channels", "64", "128", "256", "--unet_block_out_channels", "64", "128", "256",
-                 "--cross_attention_dim", "64", "--vae_train_steps", "1000", "--unet_train_steps", "2000",
+                 "--cross_attention_dim", "64", "--vae_train_steps", "800", "--unet_train_steps", "1500",
                  "--train_batch_size", "32", "--vae_learning_rate", "5e-4", "--learning_rate", "3e-4",
                  "--num_validation_images", "4", "--num_inference_steps", "20"],
-        "steps": 1200,
+        "steps": 1000,
         "batch_size": 16,
         "workers": 6,
         "mixed_precision": "bf16",

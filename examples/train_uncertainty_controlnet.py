@@ -13,6 +13,11 @@ uncertainty maps:
         --train_branch joint --train_data_dir data/source/train --unlabeled_data_dir data/target/train \
         --uncertainty_dir maps/ --num_classes 11 --ignore_index 11 --resolution 512 --output_dir out
 
+`--train_style_encoder` also trains a `StyleEncoderModel` (Style-Extracting Diffusion Models) jointly with the
+control: each sample gets `--style_images_per_sample` images of its own domain as style images, whose style tokens
+join the text embeddings in the cross-attention of the UNet and the controls; it is saved to
+`<output_dir>/style_encoder/`.
+
 See `docs/training.md` for every flag.
 """
 
@@ -45,7 +50,9 @@ from diffusers.training_utils import compute_snr
 from diffusers.utils import is_wandb_available, make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 
-from diffusers_uncertainty import StableDiffusionDualControlPipeline, UncertaintyControlNetModel
+from diffusers_uncertainty import StableDiffusionDualControlPipeline, StyleEncoderModel, UncertaintyControlNetModel
+from diffusers_uncertainty.models.style_aggregation import AGGREGATIONS
+from diffusers_uncertainty.models.style_encoder import CONDITIONING_MODES, combine_text_and_style
 from diffusers_uncertainty.atomic import save_image_atomic
 from diffusers_uncertainty.training import (
     ControlNetTrainingDataset,
@@ -56,6 +63,7 @@ from diffusers_uncertainty.training import (
     collate_fn,
     colorize_label_map,
     labeled_folder_records,
+    load_image,
     load_label,
     select_records,
     unlabeled_folder_records,
@@ -82,9 +90,9 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return sorted(names, key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
 
 
-def save_controlnet_atomically(controlnet: UncertaintyControlNetModel, output_dir: str) -> None:
-    """`save_pretrained` into a temporary folder inside `output_dir`, then move the files in; config.json last, so
-    a folder with a config is always complete."""
+def save_controlnet_atomically(controlnet, output_dir: str) -> None:
+    """`save_pretrained` of a model (the controlnet, the style encoder) into a temporary folder inside `output_dir`,
+    then move the files in; config.json last, so a folder with a config is always complete."""
     os.makedirs(output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".controlnet-", dir=output_dir)
     try:
@@ -172,6 +180,9 @@ def compute_loss(
     train_branch: str,
     weight_dtype: torch.dtype = torch.float32,
     snr_gamma: float | None = None,
+    style_encoder=None,
+    style_conditioning: str = "concat",
+    style_drop_rate: float = 0.0,
 ) -> torch.Tensor:
     r"""
     The denoising loss of one batch, as in diffusers' `train_controlnet.py` (epsilon or v-prediction target, as the
@@ -192,6 +203,13 @@ def compute_loss(
             The dtype of the frozen models.
         snr_gamma (`float`, *optional*):
             Min-SNR gamma; `None` for the plain mean squared error.
+        style_encoder (*optional*):
+            The `StyleEncoderModel` being trained (possibly wrapped by Accelerate); its tokens from the batch's
+            `style_pixel_values` join the text embeddings of the UNet and the controlnet.
+        style_conditioning (`str`, defaults to `"concat"`):
+            `"concat"` or `"replace"` (the encoder's `conditioning_mode`).
+        style_drop_rate (`float`, defaults to 0.0):
+            Probability that a sample gets the null style instead (for classifier-free guidance).
     """
     # Convert images to latent space
     latents = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
@@ -204,6 +222,12 @@ def compute_loss(
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
     encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    if style_encoder is not None:
+        drop_mask = torch.rand(bsz, device=latents.device) < style_drop_rate
+        style_embeds = style_encoder(batch["style_pixel_values"], drop_mask=drop_mask, return_dict=False)[0]
+        encoder_hidden_states = combine_text_and_style(
+            encoder_hidden_states, style_embeds.to(weight_dtype), style_conditioning
+        )
 
     controlnet_cond, conditioning_scale, semantic_mask = branch_conditioning(batch, train_branch, weight_dtype)
     down_block_res_samples, mid_block_res_sample = controlnet(
@@ -248,18 +272,27 @@ def compute_loss(
 
 
 # --------------------------------------------------------------------------------------------- validation
-def log_validation(vae, text_encoder, tokenizer, unet, controlnet, scheduler_config, args, accelerator, weight_dtype, step):
+def log_validation(
+    vae, text_encoder, tokenizer, unet, controlnet, scheduler_config, args, accelerator, weight_dtype, step,
+    style_encoder=None, style_images=None,
+):
     r"""
     Generate the validation grid (follows diffusers' `log_validation` in `train_controlnet.py`): one row per
     `--validation_label` (or a single row without one), one column per `--validation_uncertainty_levels` entry
     (times `--num_validation_images`), the coloured label map first. Logged to the trackers and saved as
-    `<output_dir>/validation/step-{step}.png`.
+    `<output_dir>/validation/step-{step}.png`. With a style encoder every image is generated in the style of
+    `style_images`.
 
     Returns:
         `dict`: `grid` (PIL image), `path`, `prompt`, `labels`, `levels`.
     """
     logger.info("Running validation... ")
     controlnet = accelerator.unwrap_model(controlnet)
+    if style_encoder is not None:
+        # Batch-norm backbones: inference statistics, and no update of the running ones by validation images.
+        style_encoder = accelerator.unwrap_model(style_encoder)
+        style_encoder_was_training = style_encoder.training
+        style_encoder.eval()
     pipeline = StableDiffusionDualControlPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -267,6 +300,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, scheduler_con
         unet=unet,
         controlnet=controlnet,
         scheduler=UniPCMultistepScheduler.from_config(scheduler_config),
+        style_encoder=style_encoder,
     )
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -298,6 +332,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, scheduler_con
                         width=args.resolution,
                         num_inference_steps=args.num_validation_inference_steps,
                         generator=generator,
+                        style_images=style_images if style_encoder is not None else None,
                     ).images[0]
                 tiles.append(image)
     columns = len(tiles) // len(labels)
@@ -307,6 +342,8 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, scheduler_con
     save_image_atomic(path, grid)
     caption = f"{prompt!r}; columns: " + ("label map, " if labels[0] is not None else "")
     caption += ", ".join("off" if level is None else f"u={level}" for level in levels)
+    if style_encoder is not None and style_images:
+        caption += f"; in the style of {len(style_images)} validation style image(s)"
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
@@ -315,6 +352,8 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, scheduler_con
         else:
             logger.warning(f"image logging not implemented for {tracker.name}")
     del pipeline
+    if style_encoder is not None:
+        style_encoder.train(style_encoder_was_training)
     return {"grid": grid, "path": path, "prompt": prompt, "caption": caption}
 
 
@@ -346,6 +385,20 @@ def save_model_card(repo_id: str, args, data_summary: str, validation_log: dict 
     )
     if args.train_branch == "joint":
         settings += f", labeled fraction {args.labeled_fraction}"
+    architecture = (
+        "one shared ControlNet trunk with two conditioning embeddings"
+        if args.shared_trunk
+        else "two ControlNets (semantic and uncertainty), residuals summed"
+    )
+    if args.train_style_encoder:
+        architecture += (
+            f"; plus a style encoder trained jointly (`style_encoder/`, {args.style_backbone} backbone, "
+            f"{args.style_aggregation} aggregation, tokens {args.style_conditioning} the text embeddings)"
+        )
+        settings += (
+            f"; style encoder: {args.style_images_per_sample} style image(s) per sample from its own domain, "
+            f"style drop rate {args.style_drop_rate}, learning rate {args.style_learning_rate or args.learning_rate}"
+        )
     return write_model_card(
         args.model_card_template,
         os.path.join(repo_folder, "README.md"),
@@ -353,9 +406,7 @@ def save_model_card(repo_id: str, args, data_summary: str, validation_log: dict 
         base_model=args.pretrained_model_name_or_path,
         train_branch=args.train_branch,
         branches=branches,
-        architecture="one shared ControlNet trunk with two conditioning embeddings"
-        if args.shared_trunk
-        else "two ControlNets (semantic and uncertainty), residuals summed",
+        architecture=architecture,
         data=data_summary,
         num_classes=args.num_classes,
         classes=classes,
@@ -500,6 +551,75 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses.")
 
+    # Style conditioning (Style-Extracting Diffusion Models)
+    parser.add_argument(
+        "--train_style_encoder",
+        action="store_true",
+        help="Train a StyleEncoderModel jointly with the control: style images of each sample's own domain are encoded"
+        " into style tokens for the cross-attention. Saved to <output_dir>/style_encoder/.",
+    )
+    parser.add_argument(
+        "--style_encoder_model_name_or_path",
+        type=str,
+        default=None,
+        help="Path or Hub id of a StyleEncoderModel to start from (its config wins over the --style_* model flags).",
+    )
+    parser.add_argument(
+        "--style_images_per_sample",
+        type=int,
+        default=2,
+        help="Style images per sample: the sample's image under another random crop/flip, then other images of its"
+        " domain (labeled data for labeled samples, unlabeled data for unlabeled ones).",
+    )
+    parser.add_argument(
+        "--style_drop_rate",
+        type=float,
+        default=0.1,
+        help="Probability that a sample gets the learned null style instead (for style classifier-free guidance).",
+    )
+    parser.add_argument("--style_backbone", type=str, default="resnet18", help="timm backbone of a new style encoder.")
+    parser.add_argument(
+        "--style_pretrained_backbone",
+        action="store_true",
+        help="Start the backbone of a new style encoder from timm's pretrained weights (needs them on the Hub or in the"
+        " local cache); random initialisation otherwise.",
+    )
+    parser.add_argument("--style_num_tokens", type=int, default=4, help="Style tokens of a new style encoder.")
+    parser.add_argument(
+        "--style_aggregation",
+        type=str,
+        default="mean",
+        choices=list(AGGREGATIONS),
+        help="How a new style encoder merges several style images.",
+    )
+    parser.add_argument(
+        "--style_conditioning",
+        type=str,
+        default="concat",
+        choices=list(CONDITIONING_MODES),
+        help="concat: style tokens appended to the text embeddings; replace: instead of them (new style encoder).",
+    )
+    parser.add_argument(
+        "--style_image_size",
+        type=int,
+        default=None,
+        help="Input size of a new style encoder. Default: min(--resolution, 224).",
+    )
+    parser.add_argument(
+        "--style_learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate of the style encoder. Default: --learning_rate.",
+    )
+    parser.add_argument(
+        "--validation_style_images",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Style images of the validation grid (with --train_style_encoder). Default: the first"
+        " --style_images_per_sample images of the unlabeled data (of the labeled data without unlabeled data).",
+    )
+
     # Optimisation (as diffusers)
     parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size (per device).")
     parser.add_argument("--num_train_epochs", type=int, default=1)
@@ -622,6 +742,29 @@ def check_args(args) -> None:
         raise ValueError(f"`--labeled_fraction` must be in [0, 1], but got {args.labeled_fraction}.")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"`--snr_gamma` must be positive, but got {args.snr_gamma}.")
+
+    # Style conditioning
+    style_flags = [
+        flag for flag in ("style_encoder_model_name_or_path", "validation_style_images", "style_learning_rate")
+        if getattr(args, flag) is not None
+    ] + ["style_pretrained_backbone"] * args.style_pretrained_backbone
+    if style_flags and not args.train_style_encoder:
+        raise ValueError(f"`--{style_flags[0]}` needs `--train_style_encoder`.")
+    if args.style_images_per_sample < 1:
+        raise ValueError(f"`--style_images_per_sample` must be a positive integer, but got {args.style_images_per_sample}.")
+    if not 0 <= args.style_drop_rate <= 1:
+        raise ValueError(f"`--style_drop_rate` must be in [0, 1], but got {args.style_drop_rate}.")
+    for name in ("style_num_tokens", "style_image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, but got {getattr(args, name)}.")
+    if args.style_encoder_model_name_or_path and args.style_pretrained_backbone:
+        raise ValueError(
+            "`--style_pretrained_backbone` initialises a new style encoder; it cannot be used with "
+            "`--style_encoder_model_name_or_path`."
+        )
+    for path in args.validation_style_images or []:
+        if not os.path.isfile(path):
+            raise ValueError(f"`--validation_style_images` file does not exist: {path}.")
 
     # Data sources per branch
     if args.train_data_dir is not None and args.dataset_name is not None:
@@ -848,12 +991,65 @@ def load_controlnet(args, unet: UNet2DConditionModel, vae: AutoencoderKL) -> Unc
     )
 
 
+def load_style_encoder(args, unet: UNet2DConditionModel) -> StyleEncoderModel:
+    """The style encoder to train: loaded from `--style_encoder_model_name_or_path` or built from the --style_* flags,
+    with tokens of the UNet's `cross_attention_dim`."""
+    cross_attention_dim = unet.config.cross_attention_dim
+    if args.style_encoder_model_name_or_path:
+        logger.info("Loading existing StyleEncoderModel weights")
+        style_encoder = StyleEncoderModel.from_pretrained(
+            args.style_encoder_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+        if style_encoder.config.cross_attention_dim != cross_attention_dim:
+            raise ValueError(
+                f"The style encoder from `--style_encoder_model_name_or_path` makes tokens of width "
+                f"{style_encoder.config.cross_attention_dim}, but the UNet's cross_attention_dim is {cross_attention_dim}."
+            )
+    else:
+        style_encoder = StyleEncoderModel(
+            backbone=args.style_backbone,
+            cross_attention_dim=cross_attention_dim,
+            num_tokens=args.style_num_tokens,
+            aggregation=args.style_aggregation,
+            max_style_images=max(4, args.style_images_per_sample),
+            image_size=args.style_image_size or min(args.resolution, 224),
+            conditioning_mode=args.style_conditioning,
+            # timm's pretrained weights expect ImageNet's normalisation.
+            image_mean=(0.485, 0.456, 0.406) if args.style_pretrained_backbone else None,
+            image_std=(0.229, 0.224, 0.225) if args.style_pretrained_backbone else None,
+        )
+        if args.style_pretrained_backbone:
+            style_encoder.load_pretrained_backbone()
+    config = style_encoder.config
+    if config.in_channels != 3:
+        raise ValueError(f"The style encoder must take RGB images (in_channels=3), but has in_channels={config.in_channels}.")
+    if config.aggregation == "mlp" and args.style_images_per_sample > config.max_style_images:
+        raise ValueError(
+            f"`--style_images_per_sample` is {args.style_images_per_sample}, but the style encoder's `mlp` aggregation "
+            f"takes at most max_style_images={config.max_style_images}."
+        )
+    return style_encoder
+
+
+def validation_style_images(args, labeled_records, unlabeled_records) -> list:
+    """The style images of the validation grid: `--validation_style_images`, else the first
+    `--style_images_per_sample` images of the unlabeled data (of the labeled data without unlabeled data)."""
+    if args.validation_style_images:
+        return [load_image(path, path) for path in args.validation_style_images]
+    records = unlabeled_records if len(unlabeled_records) else labeled_records
+    count = min(args.style_images_per_sample, len(records))
+    return [load_image(records[i]["image"], records[i]["name"]) for i in range(count)]
+
+
 # ------------------------------------------------------------------------------------------------- main
 def main(args):
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     # In joint mode a batch without labeled samples skips the semantic branch, so DDP must allow unused parameters.
-    kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=args.train_branch == "joint")]
+    # The null style is used only by dropped samples, so the same holds for the style encoder.
+    kwargs_handlers = [
+        DistributedDataParallelKwargs(find_unused_parameters=args.train_branch == "joint" or args.train_style_encoder)
+    ]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -908,23 +1104,30 @@ def main(args):
         args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
     )
     controlnet = load_controlnet(args, unet, vae)
+    style_encoder = load_style_encoder(args, unet) if args.train_style_encoder else None
 
     # Custom saving & loading hooks so that `accelerator.save_state(...)` serializes in diffusers' format
-    # (as in diffusers' train_controlnet.py): checkpoint-{step}/controlnet/{config.json, safetensors}.
+    # (as in diffusers' train_controlnet.py): checkpoint-{step}/controlnet/{config.json, safetensors}, and
+    # checkpoint-{step}/style_encoder/ with --train_style_encoder.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "controlnet"))
+                model = accelerator.unwrap_model(model)
+                subfolder = "style_encoder" if isinstance(model, StyleEncoderModel) else "controlnet"
+                model.save_pretrained(os.path.join(output_dir, subfolder))
             while weights:
                 weights.pop()  # make sure accelerate does not save the model again
 
     def load_model_hook(models, input_dir):
         while models:
             model = accelerator.unwrap_model(models.pop())  # pop so that it is not loaded again
-            load_model = UncertaintyControlNetModel.from_pretrained(input_dir, subfolder="controlnet")
+            if isinstance(model, StyleEncoderModel):
+                load_model = StyleEncoderModel.from_pretrained(input_dir, subfolder="style_encoder")
+            else:
+                load_model = UncertaintyControlNetModel.from_pretrained(input_dir, subfolder="controlnet")
             model.load_state_dict(load_model.state_dict())
             del load_model
-            logger.info(f"Loaded the controlnet weights of {input_dir}")
+            logger.info(f"Loaded the {type(model).__name__} weights of {input_dir}")
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -934,6 +1137,13 @@ def main(args):
     text_encoder.requires_grad_(False)
     params_to_optimize = set_trainable_branch(controlnet, args.train_branch)
     controlnet.train()
+    parameter_groups = [{"params": params_to_optimize}]
+    if style_encoder is not None:
+        style_encoder.requires_grad_(True)
+        style_encoder.train()
+        style_parameters = list(style_encoder.parameters())
+        parameter_groups.append({"params": style_parameters, "lr": args.style_learning_rate or args.learning_rate})
+        params_to_optimize = params_to_optimize + style_parameters
 
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -942,6 +1152,8 @@ def main(args):
         controlnet.enable_gradient_checkpointing()
 
     # Check that all trainable models are in full precision
+    if style_encoder is not None and style_encoder.dtype != torch.float32:
+        raise ValueError(f"Style encoder loaded as datatype {style_encoder.dtype}; trainable weights must be float32.")
     if accelerator.unwrap_model(controlnet).dtype != torch.float32:
         raise ValueError(
             f"Controlnet loaded as datatype {accelerator.unwrap_model(controlnet).dtype}. Please make sure to always"
@@ -952,9 +1164,10 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.scale_lr:
-        args.learning_rate = (
-            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
+        factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate = args.learning_rate * factor
+        if style_encoder is not None:
+            parameter_groups[1]["lr"] *= factor
 
     # Use 8-bit Adam for lower memory usage
     if args.use_8bit_adam:
@@ -964,7 +1177,7 @@ def main(args):
     else:
         optimizer_class = torch.optim.AdamW
     optimizer = optimizer_class(
-        params_to_optimize,
+        parameter_groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -982,6 +1195,10 @@ def main(args):
         use_uncertainty=args.train_branch != "semantic",
         default_prompt=args.default_prompt,
         proportion_empty_prompts=args.proportion_empty_prompts,
+        style_images_per_sample=args.style_images_per_sample if style_encoder is not None else 0,
+    )
+    style_images = (
+        validation_style_images(args, labeled_records, unlabeled_records) if style_encoder is not None else None
     )
     if args.train_branch == "joint":
         # Mixed batches: a drawn sample is labeled with probability --labeled_fraction.
@@ -1021,6 +1238,10 @@ def main(args):
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         controlnet, optimizer, train_dataloader, lr_scheduler
     )
+    trained_models = [controlnet]
+    if style_encoder is not None:
+        style_encoder = accelerator.prepare(style_encoder)
+        trained_models.append(style_encoder)
 
     # The frozen models are only used for inference: cast them to the mixed-precision dtype.
     weight_dtype = torch.float32
@@ -1049,6 +1270,11 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Branch = {args.train_branch}{' (shared trunk)' if args.shared_trunk else ''}")
+    if style_encoder is not None:
+        logger.info(
+            f"  Style encoder = {accelerator.unwrap_model(style_encoder).config.backbone}, "
+            f"{args.style_images_per_sample} style image(s) per sample, drop rate {args.style_drop_rate}"
+        )
     logger.info(
         f"  Num examples = {len(train_dataset)} ({train_dataset.num_labeled} labeled, "
         f"{train_dataset.num_unlabeled} unlabeled; label maps {'not ' if args.train_branch == 'uncertainty' else ''}used)"
@@ -1105,10 +1331,14 @@ def main(args):
         if epoch == first_epoch and resume_batches > 0:
             epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for step, batch in enumerate(epoch_dataloader):
-            with accelerator.accumulate(controlnet):
+            with accelerator.accumulate(*trained_models):
                 loss = compute_loss(
                     batch, vae, text_encoder, unet, controlnet, noise_scheduler, args.train_branch,
-                    weight_dtype, args.snr_gamma,
+                    weight_dtype, args.snr_gamma, style_encoder=style_encoder,
+                    style_conditioning=accelerator.unwrap_model(style_encoder).config.conditioning_mode
+                    if style_encoder is not None
+                    else "concat",
+                    style_drop_rate=args.style_drop_rate,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -1150,7 +1380,7 @@ def main(args):
                     if run_validation and global_step % args.validation_steps == 0:
                         validation_log = log_validation(
                             vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler.config, args,
-                            accelerator, weight_dtype, global_step,
+                            accelerator, weight_dtype, global_step, style_encoder, style_images,
                         )
 
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
@@ -1170,12 +1400,16 @@ def main(args):
         controlnet = accelerator.unwrap_model(controlnet)
         save_controlnet_atomically(controlnet, args.output_dir)
         logger.info(f"Saved the UncertaintyControlNetModel to {args.output_dir} (global step {global_step})")
+        if style_encoder is not None:
+            style_encoder = accelerator.unwrap_model(style_encoder)
+            save_controlnet_atomically(style_encoder, os.path.join(args.output_dir, "style_encoder"))
+            logger.info(f"Saved the StyleEncoderModel to {os.path.join(args.output_dir, 'style_encoder')}")
 
         # Run a final round of validation (diffusers' scripts do the same).
         if run_validation and (validation_log is None or global_step % args.validation_steps != 0):
             validation_log = log_validation(
                 vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler.config, args,
-                accelerator, weight_dtype, global_step,
+                accelerator, weight_dtype, global_step, style_encoder, style_images,
             )
 
         if args.push_to_hub:
@@ -1185,7 +1419,7 @@ def main(args):
                 folder_path=args.output_dir,
                 commit_message="End of training",
                 token=args.hub_token,
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", ".controlnet-*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", ".controlnet-*", "*/.controlnet-*"],
             )
 
     accelerator.end_training()

@@ -503,7 +503,11 @@ class ControlNetTrainingDataset(torch.utils.data.Dataset):
     Every item has `pixel_values` `(3, R, R)` in [-1, 1], `conditioning_one_hot` `(num_classes, R, R)` (all zero
     for unlabeled samples and when labels are not used; `ignore_index` pixels are all zero), `labels` `(R, R)`
     (`ignore_index`, or -1 without one, where unknown), `conditioning_uncertainty` `(1, R, R)` (zeros when not
-    used), `is_labeled` (bool) and `input_ids`.
+    used), `is_labeled` (bool) and `input_ids`; with `style_images_per_sample` K > 0 also `style_pixel_values`
+    `(K, 3, R, R)` in [-1, 1]: style images of the sample's own domain (labeled records for a labeled sample,
+    unlabeled records for an unlabeled one) for the style encoder. The first is the sample's own image under a new
+    random crop/flip (the same style, other pixels); the others are random other images of its domain, each under its
+    own crop/flip (the image itself again when the domain has a single image).
 
     Args:
         labeled_records (`Sequence`):
@@ -526,6 +530,8 @@ class ControlNetTrainingDataset(torch.utils.data.Dataset):
             Caption of samples without one.
         proportion_empty_prompts (`float`, defaults to 0.0):
             Probability that a caption is replaced by the empty string (as in diffusers' scripts).
+        style_images_per_sample (`int`, defaults to 0):
+            Style images per item (`style_pixel_values`); 0 for none.
     """
 
     def __init__(
@@ -540,7 +546,10 @@ class ControlNetTrainingDataset(torch.utils.data.Dataset):
         use_uncertainty: bool = True,
         default_prompt: str = "",
         proportion_empty_prompts: float = 0.0,
+        style_images_per_sample: int = 0,
     ):
+        if style_images_per_sample < 0:
+            raise ValueError(f"`style_images_per_sample` must be >= 0, but got {style_images_per_sample}.")
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"`proportion_empty_prompts` must be in [0, 1], but got {proportion_empty_prompts}.")
         if len(labeled_records) + len(unlabeled_records) == 0:
@@ -555,6 +564,7 @@ class ControlNetTrainingDataset(torch.utils.data.Dataset):
         self.use_uncertainty = use_uncertainty
         self.default_prompt = default_prompt
         self.proportion_empty_prompts = proportion_empty_prompts
+        self.style_images_per_sample = style_images_per_sample
 
     @property
     def num_labeled(self) -> int:
@@ -623,7 +633,7 @@ class ControlNetTrainingDataset(torch.utils.data.Dataset):
             truncation=True,
             return_tensors="pt",
         ).input_ids[0]
-        return {
+        item = {
             "pixel_values": sample["pixel_values"],
             "conditioning_one_hot": one_hot,
             "labels": labels,
@@ -631,6 +641,20 @@ class ControlNetTrainingDataset(torch.utils.data.Dataset):
             "is_labeled": torch.tensor(bool(is_labeled and self.use_labels)),
             "input_ids": input_ids,
         }
+        if self.style_images_per_sample > 0:
+            item["style_pixel_values"] = self._style_images(image, is_labeled, index)
+        return item
+
+    def _style_images(self, image: PIL.Image.Image, is_labeled: bool, index: int) -> torch.Tensor:
+        """`style_images_per_sample` images of the sample's domain: itself re-cropped, then random others."""
+        domain = self.labeled_records if is_labeled else self.unlabeled_records
+        own = index if is_labeled else index - self.num_labeled
+        others = [i for i in range(len(domain)) if i != own] or [own]
+        styles = [self.transform(image)["pixel_values"]]
+        for _ in range(self.style_images_per_sample - 1):
+            record = domain[random.choice(others)]
+            styles.append(self.transform(load_image(record["image"], record["name"]))["pixel_values"])
+        return torch.stack(styles)
 
 
 def collate_fn(examples: list[dict]) -> dict:
@@ -642,6 +666,7 @@ def collate_fn(examples: list[dict]) -> dict:
             The items.
     """
     batch = {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
-    for key in ("pixel_values", "conditioning_one_hot", "conditioning_uncertainty"):
-        batch[key] = batch[key].to(memory_format=torch.contiguous_format).float()
+    for key in ("pixel_values", "conditioning_one_hot", "conditioning_uncertainty", "style_pixel_values"):
+        if key in batch:
+            batch[key] = batch[key].to(memory_format=torch.contiguous_format).float()
     return batch

@@ -11,14 +11,16 @@ The reusable parts of `examples/generate_synthetic_dataset.py`:
   interrupted run resumes by skipping them. Under several processes the pending shards are dealt out round-robin
   ([`shards_for_process`]): no duplicates, no gaps, and the same shard has the same content whatever the number of
   processes.
-* **Label sources** ([`FolderLabelSource`], [`DatasetLabelSource`]) and **uncertainty sources**
-  ([`ConstantUncertainty`], [`UncertaintyBank`]), validated before any generation.
+* **Label sources** ([`FolderLabelSource`], [`DatasetLabelSource`]), **uncertainty sources**
+  ([`ConstantUncertainty`], [`UncertaintyBank`]) and the optional **style bank** ([`StyleBank`]: example images
+  of the target domain, a few drawn per sample from its seed for a style encoder), validated before any generation.
 * **Merging** ([`merge_shards`]): the shards become one `datasets` dataset saved with `save_to_disk` in the output
   folder, loadable with `datasets.load_from_disk(output_dir)`.
 
 On-disk format of a sample (the columns of [`dataset_features`]): `image` (RGB PNG), `label` (integer PNG: 8-bit when
 every value fits, else 16-bit), `uncertainty` (16-bit grey PNG, value `round(u * 65535)`), `source_label_id`,
-`source_label_name`, `sample_index`, `seed`, `uncertainty_source` and the generation settings. Uncertainty maps are
+`source_label_name`, `sample_index`, `seed`, `uncertainty_source`, the generation settings and, with a style bank,
+`style_images` (the bank files the sample's style came from) and `style_guidance_scale`. Uncertainty maps are
 quantised to 16 bits *before* generation, so the stored map is exactly the one the image was generated from.
 """
 
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .conditioning import prepare_uncertainty_map
-from .training.data import list_images, load_label, load_uncertainty
+from .training.data import list_images, load_image, load_label, load_uncertainty
 
 
 UNCERTAINTY_BANK_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")
@@ -465,6 +467,22 @@ class ConstantUncertainty:
         return torch.full((1, height, width), self.level, dtype=torch.float32), f"level:{self.level}"
 
 
+class NoUncertainty(ConstantUncertainty):
+    r"""
+    No uncertainty control (style conditioning alone): maps of 0 are stored, the branch runs at scale 0 (which the
+    control does not compute at all).
+    """
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def describe(self) -> str:
+        return "off (the uncertainty control is not used)"
+
+    def get(self, seed: int, height: int, width: int) -> tuple[torch.Tensor, str]:
+        return super().get(seed, height, width)[0], "off"
+
+
 class UncertaintyBank:
     r"""
     Real uncertainty maps (e.g. of the target images, from `examples/compute_uncertainty.py`), one drawn at random
@@ -568,15 +586,101 @@ class UncertaintyBank:
         return maps[0], f"bank:{self.files[index].as_posix()}"
 
 
+class StyleBank:
+    r"""
+    Example images of the wanted style (e.g. unlabeled target images), `count` of them drawn per sample from the
+    sample's seed (`--style_bank`, `--style_images_per_sample`), without replacement, independently of the
+    uncertainty bank's draw. Images are searched recursively and sorted by relative path; every image is opened and its
+    channel count checked when the bank is built.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder of images (its `images/` sub-folder when there is one).
+        count (`int`):
+            Style images per sample, at most the number of images in the bank.
+        in_channels (`int`, defaults to 3):
+            Channels the style encoder expects.
+        argument (`str`, defaults to `"--style_bank"`):
+            Name used in error messages.
+        show_progress (`bool`, defaults to `True`):
+            Show a tqdm progress bar while checking.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        count: int,
+        in_channels: int = 3,
+        argument: str = "--style_bank",
+        show_progress: bool = True,
+    ):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"`{argument}` must be a folder of images, but {folder} is not a folder.")
+        if (folder / "images").is_dir():
+            folder = folder / "images"
+        self.folder = folder
+        self.files = list_images(folder)
+        if not self.files:
+            raise ValueError(f"`{argument}`: expected images in {folder}, but found none.")
+        if not 1 <= count <= len(self.files):
+            raise ValueError(
+                f"`--style_images_per_sample` must be between 1 and the {len(self.files)} images of `{argument}`, but "
+                f"got {count}."
+            )
+        self.count = count
+        for path in tqdm(self.files, desc="Checking style images", disable=not show_progress):
+            with PIL.Image.open(folder / path) as image:
+                channels = len(image.convert("RGB").getbands()) if image.mode == "P" else len(image.getbands())
+            if channels != in_channels:
+                raise ValueError(
+                    f"`{argument}`: the style encoder expects {in_channels}-channel images (in_channels={in_channels}), "
+                    f"but {folder / path} has {channels} channels."
+                )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> str:
+        return f"style bank of {len(self)} images in {self.folder}, {self.count} per sample"
+
+    def pick(self, seed: int) -> list[int]:
+        r"""
+        Indices of a sample's style images, drawn from its seed (a stream of its own, not the uncertainty bank's).
+
+        Args:
+            seed (`int`):
+                The sample's seed.
+        """
+        return random.Random(f"style_bank:{seed}").sample(range(len(self.files)), self.count)
+
+    def get(self, seed: int) -> tuple[list[PIL.Image.Image], list[str]]:
+        r"""
+        A sample's style images and their paths relative to the bank.
+
+        Args:
+            seed (`int`):
+                The sample's seed.
+        """
+        indices = self.pick(seed)
+        images = [load_image(str(self.folder / self.files[index])) for index in indices]
+        return images, [self.files[index].as_posix() for index in indices]
+
+
 # ------------------------------------------------------------------------------------------------ encoding
-def dataset_features():
+def dataset_features(style: bool = False):
     r"""
     The `datasets.Features` of a generated dataset: `image`, `label` and `uncertainty` are `datasets.Image` columns
     (PNG bytes), the rest metadata and settings.
+
+    Args:
+        style (`bool`, defaults to `False`):
+            Add the columns of style-conditioned generation: `style_images` (the style bank files of each sample) and
+            `style_guidance_scale`.
     """
     import datasets
 
-    return datasets.Features(
+    features = datasets.Features(
         {
             "image": datasets.Image(),
             "label": datasets.Image(),
@@ -593,6 +697,10 @@ def dataset_features():
             "uncertainty_conditioning_scale": datasets.Value("float32"),
         }
     )
+    if style:
+        features["style_images"] = datasets.Sequence(datasets.Value("string"))
+        features["style_guidance_scale"] = datasets.Value("float32")
+    return features
 
 
 def encode_png(image: PIL.Image.Image | np.ndarray) -> dict:
@@ -637,10 +745,13 @@ def generate_batch(
     guidance_scale: float,
     semantic_conditioning_scale: float = 1.0,
     uncertainty_conditioning_scale: float = 1.0,
+    style_images: list[list[PIL.Image.Image]] | None = None,
+    style_guidance_scale: float = 1.0,
 ):
     r"""
     Generate one batch of samples with a single pipeline call: one generator per image, seeded with the image's own
-    seed (on the CPU, so noise is the same on any device), so image `i` depends on `items[i]` only.
+    seed (on the CPU, so noise is the same on any device), so image `i` depends on `items[i]` only (its style tokens
+    too: the pipeline encodes each sample's style set on its own).
 
     Args:
         pipeline ([`StableDiffusionDualControlPipeline`]):
@@ -656,6 +767,10 @@ def generate_batch(
         num_inference_steps (`int`), guidance_scale (`float`), semantic_conditioning_scale (`float`),
         uncertainty_conditioning_scale (`float`):
             Passed to the pipeline.
+        style_images (`list[list[PIL.Image.Image]]`, *optional*):
+            One style set per sample (needs a pipeline with a `style_encoder`).
+        style_guidance_scale (`float`, defaults to 1.0):
+            Passed to the pipeline with `style_images`.
 
     Returns:
         `tuple(list[PIL.Image.Image], np.ndarray)`: the images and the `(B, H, W)` label maps the pipeline returns
@@ -666,7 +781,13 @@ def generate_batch(
             f"`items`, `labels` and `uncertainty` must have the same batch size, but got {len(items)}, "
             f"{labels.shape[0]} and {uncertainty.shape[0]}."
         )
+    if style_images is not None and len(style_images) != len(items):
+        raise ValueError(f"`style_images` must hold one set per item ({len(items)}), but got {len(style_images)}.")
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+    style = {}
+    if style_images is not None:
+        prompt = [prompt] * len(items)
+        style = {"style_images": [list(images) for images in style_images], "style_guidance_scale": style_guidance_scale}
     output = pipeline(
         prompt,
         semantic_map=labels,
@@ -679,6 +800,7 @@ def generate_batch(
         semantic_conditioning_scale=semantic_conditioning_scale,
         uncertainty_conditioning_scale=uncertainty_conditioning_scale,
         output_type="pil",
+        **style,
     )
     return output.images, output.semantic_maps
 
@@ -742,6 +864,7 @@ def shard_columns(
     uncertainty_sources: list[str],
     label_names: list[str],
     settings: dict,
+    style_names: list[list[str]] | None = None,
 ) -> dict:
     r"""
     The columns of one shard (see [`dataset_features`]); images and maps are PNG-encoded here.
@@ -761,7 +884,9 @@ def shard_columns(
             Name of each sample's source label map.
         settings (`dict`):
             `prompt`, `num_inference_steps`, `guidance_scale`, `semantic_conditioning_scale`,
-            `uncertainty_conditioning_scale`: repeated on every row.
+            `uncertainty_conditioning_scale` (and `style_guidance_scale` with `style_names`): repeated on every row.
+        style_names (`list[list[str]]`, *optional*):
+            The style bank files of each sample; adds the `style_images` and `style_guidance_scale` columns.
     """
     count = len(items)
     columns = {
@@ -782,6 +907,9 @@ def shard_columns(
         "uncertainty_conditioning_scale",
     ):
         columns[key] = [settings[key]] * count
+    if style_names is not None:
+        columns["style_images"] = [list(names) for names in style_names]
+        columns["style_guidance_scale"] = [settings["style_guidance_scale"]] * count
     return columns
 
 
@@ -801,7 +929,7 @@ def write_shard(columns: dict, path: str | os.PathLike) -> None:
 
     path = str(path)
     temporary = path + TEMP_SUFFIX
-    dataset = datasets.Dataset.from_dict(columns, features=dataset_features())
+    dataset = datasets.Dataset.from_dict(columns, features=dataset_features(style="style_images" in columns))
     dataset.to_parquet(temporary)
     os.replace(temporary, path)
 

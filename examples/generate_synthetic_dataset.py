@@ -20,6 +20,12 @@ processes of `accelerate launch --num_processes N`; every sample has its own see
 the number of processes. `--resume` continues an interrupted run. The set-up (argument names, Accelerator, logging,
 Hub upload) follows diffusers' example scripts, e.g. `examples/controlnet/train_controlnet.py`; see
 `docs/synthesis.md` for every flag.
+
+With a style encoder (`--style_encoder_model_name_or_path`, e.g. `<training output>/style_encoder`, or one inside the
+pipeline folder), `--style_bank DIR` gives every sample `--style_images_per_sample` example images drawn from DIR with
+the sample's seed: images in the style of DIR (e.g. unlabeled target images, or a domain never seen in training). It
+combines with an uncertainty source, or replaces it (no `--uncertainty_bank`/`--uncertainty_level`: the uncertainty
+control is off).
 """
 
 import argparse
@@ -40,11 +46,13 @@ from tqdm.auto import tqdm
 
 import diffusers
 from diffusers.utils.import_utils import is_xformers_available
-from diffusers_uncertainty import StableDiffusionDualControlPipeline, UncertaintyControlNetModel
+from diffusers_uncertainty import StableDiffusionDualControlPipeline, StyleEncoderModel, UncertaintyControlNetModel
 from diffusers_uncertainty.synthesis import (
     ConstantUncertainty,
     FolderLabelSource,
+    NoUncertainty,
     SampleMaps,
+    StyleBank,
     UncertaintyBank,
     completed_shards,
     generate_batch,
@@ -82,6 +90,10 @@ CONTENT_ARGUMENTS = (
     "uncertainty_bank",
     "uncertainty_level",
     "uncertainty_scale",
+    "style_encoder_model_name_or_path",
+    "style_bank",
+    "style_images_per_sample",
+    "style_guidance_scale",
     "samples_per_label",
     "num_inference_steps",
     "guidance_scale",
@@ -122,6 +134,13 @@ def parse_args(input_args=None):
         default=None,
         help="Folder or Hub id of a separately saved UncertaintyControlNetModel; replaces the pipeline's control.",
     )
+    parser.add_argument(
+        "--style_encoder_model_name_or_path",
+        type=str,
+        default=None,
+        help="Folder or Hub id of a StyleEncoderModel (e.g. <training output_dir>/style_encoder); replaces the"
+        " pipeline's own style encoder, if any.",
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the Hub models.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     parser.add_argument(
@@ -159,6 +178,22 @@ def parse_args(input_args=None):
         type=float,
         default=1.0,
         help="Multiply the bank's maps by this factor; a scaled map leaving [0, 1] is an error (never clipped).",
+    )
+    # Style.
+    parser.add_argument(
+        "--style_bank",
+        type=str,
+        default=None,
+        help="Folder of style images (its images/ sub-folder if present); each sample gets --style_images_per_sample"
+        " of them, drawn with its seed. Needs a style encoder. Without --uncertainty_bank/--uncertainty_level the"
+        " uncertainty control is off.",
+    )
+    parser.add_argument("--style_images_per_sample", type=int, default=1, help="Style images per sample.")
+    parser.add_argument(
+        "--style_guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance towards the style against the null style (1: the style in every branch).",
     )
     # Generation.
     parser.add_argument("--samples_per_label", type=int, default=1, help="Samples generated from each label map.")
@@ -206,8 +241,19 @@ def parse_args(input_args=None):
     # Every check that needs no model or data happens here, before anything is loaded.
     if (args.label_dir is None) == (args.dataset_name is None):
         raise ValueError("Pass exactly one of `--label_dir` and `--dataset_name` as the source of label maps.")
-    if (args.uncertainty_bank is None) == (args.uncertainty_level is None):
+    if args.uncertainty_bank is not None and args.uncertainty_level is not None:
         raise ValueError("Pass exactly one of `--uncertainty_bank` and `--uncertainty_level` as the uncertainty source.")
+    if args.uncertainty_bank is None and args.uncertainty_level is None and args.style_bank is None:
+        raise ValueError(
+            "Pass exactly one of `--uncertainty_bank` and `--uncertainty_level` as the uncertainty source (or "
+            "`--style_bank` alone for style conditioning without the uncertainty control)."
+        )
+    if args.style_bank is None:
+        for name, default in (("style_images_per_sample", 1), ("style_guidance_scale", 1.0)):
+            if getattr(args, name) != default:
+                raise ValueError(f"`--{name}` applies to the images of `--style_bank`; pass a bank to use it.")
+    if args.style_images_per_sample < 1:
+        raise ValueError(f"`--style_images_per_sample` must be at least 1, but got {args.style_images_per_sample}.")
     if args.uncertainty_level is not None and not 0.0 <= args.uncertainty_level <= 1.0:
         raise ValueError(f"`--uncertainty_level` must lie in [0, 1], but got {args.uncertainty_level}.")
     if args.uncertainty_scale != 1.0 and args.uncertainty_bank is None:
@@ -262,7 +308,7 @@ def check_resume(args, settings: dict, config_path: str) -> None:
             )
 
 
-def write_dataset_card(args, dataset, settings: dict, pipeline, uncertainty_source) -> None:
+def write_dataset_card(args, dataset, settings: dict, pipeline, uncertainty_source, style_bank=None) -> None:
     controlnet_config = pipeline.controlnet.config
     source = f"`{args.label_dir}` (folder)" if args.label_dir else f"`{args.dataset_name}` (column `{args.label_column}`)"
     table = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(settings.items()))
@@ -279,12 +325,20 @@ def write_dataset_card(args, dataset, settings: dict, pipeline, uncertainty_sour
         num_samples=len(dataset),
         num_classes=controlnet_config.semantic_channels,
         ignore_index=controlnet_config.ignore_index,
-        uncertainty=uncertainty_source.describe(),
+        uncertainty=uncertainty_source.describe()
+        + (f"; style: {style_bank.describe()} (style encoder `{args.style_encoder_model_name_or_path or 'of the pipeline'}`)" if style_bank else ""),
         height=settings["height"],
         width=settings["width"],
         settings_table=table,
         command=args.command_line,
     )
+
+
+def style_arguments(style_images, args) -> dict:
+    """The style keyword arguments of `generate_batch` (none without a style bank)."""
+    if style_images is None:
+        return {}
+    return {"style_images": list(style_images), "style_guidance_scale": args.style_guidance_scale}
 
 
 def main(args):
@@ -323,6 +377,10 @@ def main(args):
         kwargs["controlnet"] = UncertaintyControlNetModel.from_pretrained(
             args.controlnet_model_name_or_path, dtype=weight_dtype, revision=args.revision
         )
+    if args.style_encoder_model_name_or_path:
+        kwargs["style_encoder"] = StyleEncoderModel.from_pretrained(
+            args.style_encoder_model_name_or_path, dtype=weight_dtype, revision=args.revision
+        )
     pipeline = StableDiffusionDualControlPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)
@@ -348,8 +406,28 @@ def main(args):
     label_source.validate(num_classes, ignore_index, show_progress=show_progress)
     if args.uncertainty_bank is not None:
         uncertainty_source = UncertaintyBank(args.uncertainty_bank, args.uncertainty_scale, show_progress=show_progress)
-    else:
+    elif args.uncertainty_level is not None:
         uncertainty_source = ConstantUncertainty(args.uncertainty_level)
+    else:
+        # Style bank alone: the uncertainty control is switched off (scale 0, not computed); maps of 0 are stored.
+        uncertainty_source = NoUncertainty()
+    uncertainty_off = isinstance(uncertainty_source, NoUncertainty)
+    style_bank = None
+    if args.style_bank is not None:
+        if pipeline.style_encoder is None:
+            raise ValueError(
+                "`--style_bank` needs a style encoder: pass `--style_encoder_model_name_or_path` (e.g. the "
+                "`style_encoder/` folder of a `--train_style_encoder` training run) or a pipeline folder with one."
+            )
+        style_config = pipeline.style_encoder.config
+        if style_config.aggregation == "mlp" and args.style_images_per_sample > style_config.max_style_images:
+            raise ValueError(
+                f"`--style_images_per_sample` is {args.style_images_per_sample}, but the style encoder's `mlp` "
+                f"aggregation takes at most max_style_images={style_config.max_style_images}."
+            )
+        style_bank = StyleBank(
+            args.style_bank, args.style_images_per_sample, style_config.in_channels, show_progress=show_progress
+        )
 
     # 3. Work items, shards and what is left of an earlier run.
     work_items = plan_work_items(len(label_source), args.samples_per_label, args.seed)
@@ -376,6 +454,8 @@ def main(args):
     logger.info("***** Generating *****")
     logger.info(f"  Label maps = {len(label_source)} ({num_classes} classes, ignore_index {ignore_index})")
     logger.info(f"  Uncertainty = {uncertainty_source.describe()}")
+    if style_bank is not None:
+        logger.info(f"  Style = {style_bank.describe()}")
     logger.info(f"  Samples = {len(work_items)} ({args.samples_per_label} per label map) at {height}x{width} (HxW)")
     logger.info(
         f"  Shards = {len(shards)} (up to {args.batch_size} samples each); already done {len(done)}, "
@@ -390,12 +470,17 @@ def main(args):
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "semantic_conditioning_scale": args.semantic_conditioning_scale,
-        "uncertainty_conditioning_scale": args.uncertainty_conditioning_scale,
+        "uncertainty_conditioning_scale": 0.0 if uncertainty_off else args.uncertainty_conditioning_scale,
     }
     for shard_index in tqdm(mine, desc="Shards", disable=not show_progress):
         items = shards[shard_index]
         labels, uncertainty, codes, uncertainty_sources = maps.batch(items)
-        images, aligned_labels = generate_batch(pipeline, items, labels, uncertainty, **generation)
+        style_images = style_names = None
+        if style_bank is not None:
+            style_images, style_names = zip(*(style_bank.get(item.seed) for item in items))
+        images, aligned_labels = generate_batch(
+            pipeline, items, labels, uncertainty, **generation, **style_arguments(style_images, args)
+        )
         columns = shard_columns(
             items,
             images,
@@ -403,7 +488,8 @@ def main(args):
             codes,
             uncertainty_sources,
             [label_source.name(item.label_id) for item in items],
-            generation,
+            {**generation, "style_guidance_scale": args.style_guidance_scale},
+            style_names=style_names,
         )
         write_shard(columns, os.path.join(shard_dir, shard_filename(shard_index, len(shards))))
     accelerator.wait_for_everyone()
@@ -419,7 +505,7 @@ def main(args):
         else:
             paths = [os.path.join(shard_dir, shard_filename(index, len(shards))) for index in range(len(shards))]
             dataset = merge_shards(paths, args.output_dir)
-            write_dataset_card(args, dataset, settings, pipeline, uncertainty_source)
+            write_dataset_card(args, dataset, settings, pipeline, uncertainty_source, style_bank)
             logger.info(f"Saved {len(dataset)} samples to {args.output_dir}: datasets.load_from_disk({args.output_dir!r})")
             if args.push_to_hub:
                 repo_id = create_repo(

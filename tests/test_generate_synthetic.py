@@ -445,3 +445,105 @@ def test_separately_saved_control_replaces_the_pipelines_own(workspace, one_proc
     own = rows_by_key(datasets.load_from_disk(str(one_process["dir"])))[(0, 0)]
     assert own["seed"] == row["seed"]
     assert not np.array_equal(own["image"], np.asarray(row["image"]))
+
+
+# ---------------------------------------------------------------------------------------------- style bank
+@pytest.fixture(scope="module")
+def style_workspace(workspace):
+    """A saved tiny style encoder and a style bank of 4 RGB images (plus an `rgba/` bank that is refused)."""
+    from diffusers_uncertainty import StyleEncoderModel
+
+    torch.manual_seed(0)
+    StyleEncoderModel(backbone="test_resnet", cross_attention_dim=32, num_tokens=2, image_size=16).save_pretrained(
+        workspace / "style_encoder"
+    )
+    rng = np.random.default_rng(3)
+    (workspace / "styles").mkdir()
+    for index in range(4):
+        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(workspace / "styles" / f"style_{index}.png")
+    (workspace / "rgba").mkdir()
+    PIL.Image.new("RGBA", (16, 16)).save(workspace / "rgba" / "a.png")
+    return workspace
+
+
+def style_args(workspace, output_dir, *extra, uncertainty=True):
+    args = base_args(
+        workspace, output_dir, "--style_bank", workspace / "styles", "--style_images_per_sample", 2,
+        "--style_encoder_model_name_or_path", workspace / "style_encoder", *extra,
+    )
+    if not uncertainty:
+        index = args.index("--uncertainty_bank")
+        del args[index : index + 2]
+    return args
+
+
+def test_style_bank_datasets_do_not_depend_on_the_process_count_and_record_the_style_files(
+    style_workspace, one_process, tmp_path, one_thread
+):
+    from diffusers_uncertainty.synthesis import StyleBank
+
+    workspace = style_workspace
+    accelerate_launch(style_args(workspace, tmp_path / "two", "--style_guidance_scale", 2.0), num_processes=2)
+    script = load_script()
+    script.main(script.parse_args(style_args(workspace, tmp_path / "one", "--style_guidance_scale", 2.0)))
+    one = rows_by_key(datasets.load_from_disk(str(tmp_path / "one")))
+    two = rows_by_key(datasets.load_from_disk(str(tmp_path / "two")))
+    plain = rows_by_key(datasets.load_from_disk(str(one_process["dir"])))
+    bank = StyleBank(workspace / "styles", 2, show_progress=False)
+    assert set(one) == set(two) == ALL_KEYS
+    for key in ALL_KEYS:
+        assert one[key]["style_images"] == two[key]["style_images"] == bank.get(one[key]["seed"])[1]
+        assert len(set(one[key]["style_images"])) == 2 and one[key]["style_guidance_scale"] == 2.0
+        assert one[key]["uncertainty_source"] == plain[key]["uncertainty_source"]  # combined with the uncertainty bank
+        np.testing.assert_array_equal(one[key]["image"], two[key]["image"])
+        assert not np.array_equal(one[key]["image"], plain[key]["image"])  # the style changes the image
+    assert len({tuple(row["style_images"]) for row in one.values()}) > 1  # samples draw different style sets
+    card = (tmp_path / "one" / "README.md").read_text()
+    assert "style bank of 4 images in" in card and "2 per sample" in card
+
+
+def test_style_bank_alone_switches_the_uncertainty_control_off_and_reproduces(style_workspace, tmp_path, one_thread):
+    from diffusers_uncertainty import StyleEncoderModel
+
+    workspace = style_workspace
+    script = load_script()
+    out = tmp_path / "style_only"
+    script.main(script.parse_args(style_args(workspace, out, "--max_labels", 1, uncertainty=False)))
+    dataset = datasets.load_from_disk(str(out))
+    assert len(dataset) == SAMPLES_PER_LABEL
+    assert set(dataset["uncertainty_source"]) == {"off"} and set(dataset["uncertainty_conditioning_scale"]) == {0.0}
+    pipeline = StableDiffusionDualControlPipeline.from_pretrained(
+        workspace / "pipeline", style_encoder=StyleEncoderModel.from_pretrained(workspace / "style_encoder")
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    row = dataset[0]
+    image = pipeline(
+        row["prompt"],
+        semantic_map=np.asarray(row["label"]).astype(np.int64),
+        style_images=[PIL.Image.open(workspace / "styles" / name) for name in row["style_images"]],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        generator=[torch.Generator().manual_seed(row["seed"])],
+    ).images[0]
+    difference = np.abs(np.asarray(image).astype(int) - np.asarray(row["image"]).astype(int))
+    assert difference.max() <= 1  # alone, not in its batch of 2: float rounding only
+
+
+def test_bad_style_inputs_stop_before_generating(style_workspace, tmp_path):
+    workspace = style_workspace
+    script = load_script()
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"`--style_images_per_sample` applies to the images of `--style_bank`"):
+        script.parse_args(base_args(workspace, out, "--style_images_per_sample", 2))
+    args = style_args(workspace, out)
+    del args[args.index("--style_encoder_model_name_or_path") : args.index("--style_encoder_model_name_or_path") + 2]
+    run_expecting_error(script, args, r"`--style_bank` needs a style encoder", out)
+    run_expecting_error(
+        script, style_args(workspace, out, "--style_images_per_sample", 5),
+        r"`--style_images_per_sample` must be between 1 and the 4 images of `--style_bank`, but got 5", out,
+    )
+    args = style_args(workspace, out)
+    args[args.index("--style_bank") + 1] = str(workspace / "rgba")
+    args[args.index("--style_images_per_sample") + 1] = "1"
+    run_expecting_error(script, args, r"expects 3-channel images \(in_channels=3\), but .*a.png has 4 channels", out)

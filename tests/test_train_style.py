@@ -2,7 +2,6 @@
 tiny offline pipeline; the style encoder learns, is checkpointed, saved, and feeds the pipeline; bad flags stop at
 once; the dataset serves style images of each sample's own domain."""
 
-import importlib.util
 import json
 import random
 
@@ -21,9 +20,9 @@ from diffusers_uncertainty.training import (
     unlabeled_folder_records,
 )
 from test_train_controlnet import (
-    IGNORE_INDEX, NUM_CLASSES, SCRIPT, _assert_ok, _base_args, _changed, _weights, _write_maps, _write_synthetic,
-    run_training,
+    IGNORE_INDEX, NUM_CLASSES, _assert_ok, _base_args, _changed, _weights, _write_maps, _write_synthetic, run_training,
 )
+from test_train_controlnet_units import script  # noqa: F401  (the training script loaded as a module, a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +103,15 @@ def test_a_new_style_encoder_is_built_from_the_flags_and_resumes_from_a_checkpoi
         *_base_args(workspace, output_dir, *flags, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
     )
     _assert_ok(result)
-    assert "Resuming from checkpoint" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Resuming from checkpoint" in output and "Loaded the style encoder weights of" in output
+    assert "Loaded the controlnet weights of" in output
     assert (output_dir / "checkpoint-2" / "style_encoder" / "config.json").is_file()
     changed, total = _changed(step_one, _weights(output_dir / "style_encoder"), "")
     assert 0 < changed and total == len(step_one)
 
 
 # ------------------------------------------------------------------------------------------- in-process
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_uncertainty_controlnet_style", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [

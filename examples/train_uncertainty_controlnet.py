@@ -1122,12 +1122,12 @@ def main(args):
         while models:
             model = accelerator.unwrap_model(models.pop())  # pop so that it is not loaded again
             if isinstance(model, StyleEncoderModel):
-                load_model = StyleEncoderModel.from_pretrained(input_dir, subfolder="style_encoder")
+                name, load_model = "style encoder", StyleEncoderModel.from_pretrained(input_dir, subfolder="style_encoder")
             else:
-                load_model = UncertaintyControlNetModel.from_pretrained(input_dir, subfolder="controlnet")
+                name, load_model = "controlnet", UncertaintyControlNetModel.from_pretrained(input_dir, subfolder="controlnet")
             model.load_state_dict(load_model.state_dict())
             del load_model
-            logger.info(f"Loaded the {type(model).__name__} weights of {input_dir}")
+            logger.info(f"Loaded the {name} weights of {input_dir}")
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)

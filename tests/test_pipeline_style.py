@@ -212,3 +212,11 @@ def test_mlp_encoder_refuses_more_images_than_its_slots_before_any_work():
 def test_constructor_refuses_a_style_encoder_of_another_width():
     with pytest.raises(ValueError, match=r"`style_encoder` makes tokens of width 64, but the UNet's cross_attention_dim is 32"):
         _pipeline(style_encoder=_style_encoder(cross_attention_dim=64))
+
+
+def test_model_cpu_offload_with_a_style_encoder_gives_the_same_image():
+    pipeline = _pipeline(style_encoder=_style_encoder())
+    arguments = dict(style_images=_style_set(1), guidance_scale=3.0, style_guidance_scale=2.0)
+    reference = _run(pipeline, **arguments)
+    pipeline.enable_model_cpu_offload(device="cpu")  # the style encoder is in model_cpu_offload_seq
+    assert (_run(pipeline, **arguments) == reference).all()

@@ -381,4 +381,16 @@ class LatentDiffusionSegmenter(ModelMixin, ConfigMixin):
             **kwargs: Passed to `ModelMixin.from_pretrained`.
         """
         kwargs["low_cpu_mem_usage"] = False
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model._tie_lora_parameters()
+        return model
+
+    def _tie_lora_parameters(self) -> None:
+        """Makes the UNet use the tensors of `self.lora_parameters` again (weight loading may replace them)."""
+        if self.config.lora_rank == 0:
+            return
+        for key, parameter in self.lora_parameters.items():
+            module_name, _, attribute = key.replace("__", ".").rpartition(".")
+            module = self.unet.get_submodule(module_name)
+            if getattr(module, attribute) is not parameter:
+                setattr(module, attribute, parameter)

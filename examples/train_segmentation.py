@@ -459,14 +459,6 @@ def main(args):
             args.validation_data_dir, args.num_classes, args.ignore_index, split=args.dataset_split,
             image_column=args.image_column, label_column=args.label_column, argument="--validation_data_dir",
         )
-        validation_dataloader = DataLoader(
-            TransformedDataset(validation_data, SegmentationTransform(args.resolution, train=False)),
-            batch_size=args.validation_batch_size, shuffle=False, collate_fn=list_collate,
-            num_workers=args.dataloader_num_workers,
-        )
-
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     unlabeled_dataset = None
     if args.adversarial_weight > 0:
@@ -479,10 +471,22 @@ def main(args):
         # domain difference the discriminator should see.
         unlabeled_dataset = TransformedDataset(unlabeled_data, SegmentationTransform(args.resolution, train=True))
 
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
     model = build_model(args)
     if args.resolution % model.output_stride:
         raise ValueError(
             f"`--resolution` must be divisible by the network stride {model.output_stride}, got {args.resolution}."
+        )
+    if args.validation_data_dir is not None:
+        # Validation inputs keep the aspect ratio, rounded to a multiple of 32 or of a larger network stride (a
+        # latent-diffusion segmenter on a Stable Diffusion base needs 64).
+        validation_transform = SegmentationTransform(args.resolution, train=False, multiple=max(32, model.output_stride))
+        validation_dataloader = DataLoader(
+            TransformedDataset(validation_data, validation_transform),
+            batch_size=args.validation_batch_size, shuffle=False, collate_fn=list_collate,
+            num_workers=args.dataloader_num_workers,
         )
     loss_fn = FlexSegLoss(
         args.num_classes,
@@ -642,7 +646,10 @@ def main(args):
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             if sampler is not None:
                 logs["hardness_mix"] = sampler.hardness_mix
-            progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
+            if discriminator is not None:
+                progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"], disc_acc=logs["discriminator_accuracy"])
+            else:
+                progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
             accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:

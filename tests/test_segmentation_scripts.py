@@ -268,3 +268,75 @@ def test_push_to_hub_uploads_model_and_card(data, tmp_path, monkeypatch):
     assert "checkpoint-*" in ignore
     card = (out / "README.md").read_text()
     assert 'SegmentationModel.from_pretrained("someone/tiny-segmenter")' in card and "source-only" in card
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """The tiny offline diffusers base (`build_tiny_pipeline`), saved as a pipeline folder."""
+    from diffusers_uncertainty.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    build_tiny_pipeline(str(folder))
+    return folder
+
+
+def test_latent_diffusion_segmenter_with_adversarial_alignment_trains_resumes_and_serves(data, tiny_base, tmp_path):
+    out = tmp_path / "iccld"
+    args = [
+        "--model", "latent_diffusion", "--base_model_name_or_path", tiny_base, "--feature_timestep", "10",
+        "--decoder_channels", "16", "--adversarial_weight", "0.5", "--unlabeled_data_dir", data["target"],
+        "--train_data_dir", data["train"], "--validation_data_dir", data["val"], "--num_classes", "3",
+        "--ignore_index", "255", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--validation_steps", "2", "--seed", "0", "--report_to", "none",
+        "--output_dir", out,
+    ]
+    log = accelerate_launch("train_segmentation.py", args)
+    assert "disc_acc=" in log and "Adversarial alignment on 5 unlabeled images" in log
+    config = json.loads((out / "config.json").read_text())
+    assert config["_class_name"] == "LatentDiffusionSegmenter" and config["base_model_name_or_path"] == str(tiny_base)
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "diffusion_pytorch_model.safetensors")
+    # Only the segmenter's own weights: no frozen VAE/UNet, no discriminator.
+    assert weights and not any(k.startswith(("vae.", "unet.", "net.")) for k in weights)
+    assert sum(v.numel() for v in weights.values()) < 100_000
+    # The discriminator and its optimizer are part of the training state ...
+    assert (out / "checkpoint-2" / "model_1.safetensors").is_file() and (out / "checkpoint-2" / "optimizer_1.bin").is_file()
+    card = (out / "README.md").read_text()
+    assert "{{" not in card and "domain-adversarial alignment" in card and "source-only" not in card
+    # ... and training resumes from it.
+    args[args.index("--max_train_steps") + 1] = "3"
+    log = accelerate_launch("train_segmentation.py", args + ["--resume_from_checkpoint", "latest"])
+    assert f"Resuming from checkpoint {out / 'checkpoint-2'}" in log
+
+    # Evaluation and uncertainty maps load it through the same loader as the smp segmenters.
+    accelerate_launch("evaluate_segmentation.py", ["--model", out, "--data_dir", data["val"], "--resolution", "32",
+                                                   "--output_dir", tmp_path / "eval"])
+    assert 0.0 <= json.loads((tmp_path / "eval" / "metrics.json").read_text())["mIoU"] <= 1.0
+    accelerate_launch("compute_uncertainty.py", ["--model", out, "--data_dir", data["target"], "--resolution", "32",
+                                                 "--estimator", "mc_dropout", "--num_passes", "2",
+                                                 "--output_dir", tmp_path / "unc"])
+    assert json.loads((tmp_path / "unc" / "scores.json").read_text())["num_images"] == 5
+
+
+def test_latent_diffusion_flag_combinations_fail_before_any_work(data, tiny_base, tmp_path):
+    train = _load_train_script()
+    common = ["--train_data_dir", str(data["train"]), "--num_classes", "3", "--resolution", "32",
+              "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    latent = ["--model", "latent_diffusion", "--base_model_name_or_path", str(tiny_base)]
+    with pytest.raises(ValueError, match="`--model latent_diffusion` needs `--base_model_name_or_path`"):
+        train.parse_args(common + ["--model", "latent_diffusion"])
+    with pytest.raises(ValueError, match="`--adversarial_weight` is only used with `--model latent_diffusion`"):
+        train.parse_args(common + ["--adversarial_weight", "0.1"])
+    with pytest.raises(ValueError, match="`--adversarial_weight` 0.1 needs `--unlabeled_data_dir`"):
+        train.parse_args(common + latent + ["--adversarial_weight", "0.1"])
+    with pytest.raises(ValueError, match="`--unlabeled_data_dir` is only read for adversarial alignment"):
+        train.parse_args(common + latent + ["--unlabeled_data_dir", str(data["target"])])
+    with pytest.raises(ValueError, match="`--decoder_channels` takes one value"):
+        train.parse_args(common + latent + ["--decoder_channels", "16", "8"])
+    with pytest.raises(ValueError, match="`--encoder_weights` is for `--model smp`"):
+        train.parse_args(common + latent + ["--encoder_weights", "imagenet"])
+    with pytest.raises(ValueError, match=r"`--unlabeled_data_dir`: expected a folder"):
+        train.main(train.parse_args(common + latent + ["--adversarial_weight", "0.1", "--unlabeled_data_dir",
+                                                       str(tmp_path / "missing")]))
+    assert not (tmp_path / "out").exists()  # nothing written

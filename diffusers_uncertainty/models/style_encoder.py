@@ -60,7 +60,10 @@ def combine_text_and_style(text_embeds: torch.Tensor, style_embeds: torch.Tensor
 
 def _timm():
     if importlib.util.find_spec("timm") is None:
-        raise ImportError("StyleEncoderModel builds its backbone with timm, which is not installed: `pip install 'diffusers-uncertainty[style]'` (or `pip install timm`).")
+        raise ImportError(
+            "StyleEncoderModel builds its backbone with timm, which is not installed: "
+            "`pip install 'diffusers-uncertainty[style]'` (or `pip install timm`)."
+        )
     import timm
 
     return timm

@@ -91,6 +91,46 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
     return config
 
 
+# Flags of train_segmentation.py that only the smp segmenters read; dropped for `model: latent_diffusion`.
+SMP_ONLY_FLAGS = ("architecture", "encoder_name", "encoder_depth", "encoder_weights", "decoder_channels")
+
+
+def segmenter_flags(segmenter: dict, variant: dict, base_path: str, unlabeled_dir: Path) -> dict:
+    r"""
+    The train_segmentation.py flags of one segmenter: the `segmenter:` section's `args`, then the variant's.
+
+    With `model: latent_diffusion` (in the `segmenter:` section or in the variant) the smp-only flags
+    (`architecture`, `encoder_*`, `decoder_channels`) are dropped, the `segmenter.latent_diffusion.args` mapping is
+    added (e.g. `feature_timestep`, `decoder_channels`, `adversarial_weight`), then the variant's own flags, and the
+    segmenter reads the workflow's base model (`--base_model_name_or_path`). With an `adversarial_weight` above 0 it
+    aligns to the unlabeled target images (`--unlabeled_data_dir <root>/target/train`).
+
+    Args:
+        segmenter (`dict`):
+            The config's `segmenter:` section (`model`, `args`, `latent_diffusion: {args}`).
+        variant (`dict`):
+            The variant's flags (may hold `model`).
+        base_path (`str`):
+            The workflow's base model (trained or pretrained).
+        unlabeled_dir (`Path`):
+            The unlabeled target images.
+    """
+    model = variant.get("model", segmenter.get("model", "smp"))
+    if model not in ("smp", "latent_diffusion"):
+        raise ValueError(f"`segmenter.model` must be 'smp' or 'latent_diffusion', but got {model!r}.")
+    flags = dict(segmenter.get("args") or {})
+    if model == "latent_diffusion":
+        flags = {k: v for k, v in flags.items() if k not in SMP_ONLY_FLAGS}
+        flags.update((segmenter.get("latent_diffusion") or {}).get("args") or {})
+        flags.update(variant)
+        flags.update({"model": "latent_diffusion", "base_model_name_or_path": base_path})
+        if (flags.get("adversarial_weight") or 0) > 0:
+            flags.setdefault("unlabeled_data_dir", unlabeled_dir)
+        return flags
+    flags.update(variant)
+    return flags
+
+
 def to_flags(args: dict) -> list[str]:
     r"""
     Turn a mapping into command-line flags: `{"a": 1, "b": True, "c": [1, 2], "d": None, "e": False}` ->
@@ -183,11 +223,13 @@ def plan(config: dict) -> list[Stage]:
             )
         )
 
-    segmenter_args = dict(config.get("segmenter", {}).get("args") or {})
+    segmenter = dict(config.get("segmenter") or {})
+    segmenter["args"] = dict(segmenter.get("args") or {})
     evaluate_args = dict(config.get("evaluate", {}).get("args") or {})
     if (root / "classes.json").is_file():  # class names for the segmenters' cards and metrics (CamVid has one)
-        segmenter_args.setdefault("classes_json", root / "classes.json")
+        segmenter["args"].setdefault("classes_json", root / "classes.json")
         evaluate_args.setdefault("classes_json", root / "classes.json")
+    unlabeled_dir = root / "target" / "train"
     source_segmenter = out / "segmenters" / "source_only"
     stages.append(
         Stage(
@@ -195,7 +237,8 @@ def plan(config: dict) -> list[Stage]:
             source_segmenter,
             "train_segmentation.py",
             {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
-             "output_dir": source_segmenter, "seed": seed, **common, **segmenter_args},
+             "output_dir": source_segmenter, "seed": seed, **common,
+             **segmenter_flags(segmenter, {}, base_path, unlabeled_dir)},
         )
     )
 
@@ -256,7 +299,8 @@ def plan(config: dict) -> list[Stage]:
                     folder,
                     "train_segmentation.py",
                     {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
-                     "output_dir": folder, "seed": seed, **common, **segmenter_args, **variant},
+                     "output_dir": folder, "seed": seed, **common,
+                     **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)},
                 )
             )
         for split in ("target/val", "source/val"):

@@ -93,3 +93,47 @@ def test_command_line_lists_the_stages(tmp_path):
         text=True,
     )
     assert failed.returncode != 0 and "does not exist" in failed.stderr
+
+
+def test_latent_diffusion_segmenter_is_planned_with_the_base_and_the_unlabeled_target(tmp_path):
+    overrides = {"output_dir": str(tmp_path), "segmenter": {"model": "latent_diffusion"}}
+    config = load_config(None, smoke=True, overrides=overrides)
+    stages = {stage.name: stage for stage in plan(config)}
+    names = list(stages)
+    assert names.index("base") < names.index("segmenter")  # the segmenter reads the trained base
+    for name in ("segmenter", "segmenter:photometric", "segmenter:synthetic_flexseg"):
+        args = stages[name].args
+        assert args["model"] == "latent_diffusion" and args["base_model_name_or_path"] == str(tmp_path / "base")
+        assert args["adversarial_weight"] == 0.2 and args["unlabeled_data_dir"] == tmp_path / "data" / "target" / "train"
+        assert args["decoder_channels"] == 32 and not {"architecture", "encoder_name", "encoder_depth"} & set(args)
+        assert args["max_train_steps"] == 4  # the shared args still apply (smoke)
+        command = stages[name].command([])
+        assert "--model" in command and command[command.index("--model") + 1] == "latent_diffusion"
+    assert stages["segmenter:photometric"].args["photometric_augmentation"] is True
+
+    # One variant can choose it while the others stay smp; without alignment there is no unlabeled set.
+    overrides = {"output_dir": str(tmp_path), "variants": {"source_only": {}, "iccld": {"model": "latent_diffusion",
+                                                                                         "adversarial_weight": 0}}}
+    stages = {stage.name: stage for stage in plan(load_config(None, smoke=True, overrides=overrides))}
+    assert stages["segmenter"].args["architecture"] == "unet" and "model" not in stages["segmenter"].args
+    iccld = stages["segmenter:iccld"].args
+    assert iccld["model"] == "latent_diffusion" and "unlabeled_data_dir" not in iccld
+    with pytest.raises(ValueError, match="`segmenter.model` must be 'smp' or 'latent_diffusion', but got 'vit'"):
+        plan(load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "segmenter": {"model": "vit"}}))
+
+
+def test_the_workflow_runs_with_the_latent_diffusion_segmenter(tmp_path):
+    overrides = {"output_dir": str(tmp_path / "run"), "segmenter": {"model": "latent_diffusion"}}
+    config = load_config(None, smoke=True, overrides=overrides)
+    config["variants"] = {"source_only": {}}  # (overrides merge into the default variants; replace them)
+    # The stages that involve the segmenter (control, generation and report are the default workflow test's).
+    lines = []
+    run_workflow(config, only=["data", "base", "segmenter", "uncertainty", "evaluate"], echo=lines.append)
+    assert not any("control" in line or "generate" in line for line in lines)
+    saved = json.loads((tmp_path / "run" / "segmenters" / "source_only" / "config.json").read_text())
+    assert saved["_class_name"] == "LatentDiffusionSegmenter"
+    assert saved["base_model_name_or_path"] == str(tmp_path / "run" / "base")
+    scores = json.loads((tmp_path / "run" / "uncertainty" / "target_train" / "scores.json").read_text())
+    assert scores["num_images"] == 8  # the uncertainty maps the control is trained on
+    metrics = json.loads((tmp_path / "run" / "evaluation" / "source_only" / "target_val" / "metrics.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0

@@ -100,6 +100,7 @@ def parse_args(input_args=None):
     parser.add_argument("--max_train_steps", type=int, default=None, help="Segmenter steps (default: the scale's).")
     parser.add_argument("--adversarial_weight", type=float, default=0.2)
     parser.add_argument("--feature_timestep", type=int, default=50)
+    parser.add_argument("--decoder_channels", type=int, default=64, help="Latent-diffusion decoder width.")
     parser.add_argument("--cpu", action="store_true", help="Force the CPU even where a GPU is visible.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                         help="Default: the scale's (no on cpu, bf16 on gpu).")
@@ -229,7 +230,8 @@ def main(args):
         "--lr_scheduler", "cosine", "--checkpointing_steps", "100000", "--validation_steps", "100000",
         "--dataloader_num_workers", scale["workers"], "--seed", args.seed, "--report_to", "none",
     ]
-    latent = ["--base_model_name_or_path", base, "--feature_timestep", args.feature_timestep, "--decoder_channels", "64"]
+    latent = ["--base_model_name_or_path", base, "--feature_timestep", args.feature_timestep,
+              "--decoder_channels", args.decoder_channels]
     extra = {
         "unet_source_only": ["--encoder_depth", "3", "--decoder_channels", "64", "32", "16"] if args.scale != "gpu" else [],
         "latent_diffusion": latent,

@@ -267,7 +267,7 @@ def test_push_to_hub_uploads_model_and_card(data, tmp_path, monkeypatch):
     assert {"README.md", "config.json", "diffusion_pytorch_model.safetensors"} <= set(files)
     assert "checkpoint-*" in ignore
     card = (out / "README.md").read_text()
-    assert 'SegmentationModel.from_pretrained("someone/tiny-segmenter")' in card and "source-only" in card
+    assert 'load_segmenter("someone/tiny-segmenter")' in card and "source-only" in card
 
 
 @pytest.fixture(scope="module")

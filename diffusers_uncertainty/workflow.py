@@ -223,7 +223,9 @@ def plan(config: dict) -> list[Stage]:
             )
         )
 
-    segmenter = dict(config.get("segmenter") or {})
+    segmenter = config.get("segmenter") or {}
+    # `segmenter: latent_diffusion` is short for `segmenter: {model: latent_diffusion}` (no shared args).
+    segmenter = {"model": segmenter} if isinstance(segmenter, str) else dict(segmenter)
     segmenter["args"] = dict(segmenter.get("args") or {})
     evaluate_args = dict(config.get("evaluate", {}).get("args") or {})
     if (root / "classes.json").is_file():  # class names for the segmenters' cards and metrics (CamVid has one)

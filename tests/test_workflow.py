@@ -118,6 +118,9 @@ def test_latent_diffusion_segmenter_is_planned_with_the_base_and_the_unlabeled_t
     assert stages["segmenter"].args["architecture"] == "unet" and "model" not in stages["segmenter"].args
     iccld = stages["segmenter:iccld"].args
     assert iccld["model"] == "latent_diffusion" and "unlabeled_data_dir" not in iccld
+    short = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "segmenter": "latent_diffusion"})
+    args = next(stage for stage in plan(short) if stage.name == "segmenter").args
+    assert args["model"] == "latent_diffusion" and args["base_model_name_or_path"] == str(tmp_path / "base")
     with pytest.raises(ValueError, match="`segmenter.model` must be 'smp' or 'latent_diffusion', but got 'vit'"):
         plan(load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "segmenter": {"model": "vit"}}))
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(REPO))  # the package from this checkout, installed or not
 
 SCALES = {
     "smoke": {  # a pipeline check of a minute or two, meaningless numbers

@@ -549,8 +549,16 @@ def main(args):
             unlabeled_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
             drop_last=len(unlabeled_dataset) >= args.train_batch_size,
         )
-        discriminator, discriminator_optimizer, unlabeled_dataloader = accelerator.prepare(
-            discriminator, discriminator_optimizer, unlabeled_dataloader
+        # The discriminator follows the segmenter's schedule (as in DANN, one annealed rate drives both): against a
+        # constant discriminator rate, a decaying segmenter rate lets the discriminator win at the end of training.
+        discriminator_lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=discriminator_optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=args.max_train_steps * accelerator.num_processes,
+        )
+        discriminator, discriminator_optimizer, discriminator_lr_scheduler, unlabeled_dataloader = accelerator.prepare(
+            discriminator, discriminator_optimizer, discriminator_lr_scheduler, unlabeled_dataloader
         )
         unlabeled_batches = cycle(unlabeled_dataloader)
     # Prototype bank and sampler state go into every checkpoint too.
@@ -632,6 +640,7 @@ def main(args):
                 optimizer.zero_grad()
                 if discriminator is not None:
                     discriminator_optimizer.step()
+                    discriminator_lr_scheduler.step()
                     discriminator_optimizer.zero_grad()
             if sampler is not None:
                 indices, losses = accelerator.gather((batch["index"].to(accelerator.device), terms["per_sample"]))

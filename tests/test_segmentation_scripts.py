@@ -302,6 +302,7 @@ def test_latent_diffusion_segmenter_with_adversarial_alignment_trains_resumes_an
     assert sum(v.numel() for v in weights.values()) < 100_000
     # The discriminator and its optimizer are part of the training state ...
     assert (out / "checkpoint-2" / "model_1.safetensors").is_file() and (out / "checkpoint-2" / "optimizer_1.bin").is_file()
+    assert (out / "checkpoint-2" / "scheduler_1.bin").is_file()
     card = (out / "README.md").read_text()
     assert "{{" not in card and "domain-adversarial alignment" in card and "source-only" not in card
     # ... and training resumes from it.

@@ -295,6 +295,22 @@ def build_model(args):
     )
 
 
+def make_lr_scheduler(optimizer, args, accelerator):
+    """The `--lr_scheduler` schedule (with `--lr_warmup_steps`) over `--max_train_steps` for one optimizer.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): The optimizer to schedule.
+        args (`argparse.Namespace`): Parsed arguments.
+        accelerator (`Accelerator`): For the number of processes (prepared schedulers step once per process).
+    """
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+
 def method_name(args) -> str:
     """Short name of the training recipe (e.g. `source-only`, `flexseg+synthetic`).
 
@@ -526,12 +542,7 @@ def main(args):
     )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -551,12 +562,7 @@ def main(args):
         )
         # The discriminator follows the segmenter's schedule (as in DANN, one annealed rate drives both): against a
         # constant discriminator rate, a decaying segmenter rate lets the discriminator win at the end of training.
-        discriminator_lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            optimizer=discriminator_optimizer,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=args.max_train_steps * accelerator.num_processes,
-        )
+        discriminator_lr_scheduler = make_lr_scheduler(discriminator_optimizer, args, accelerator)
         discriminator, discriminator_optimizer, discriminator_lr_scheduler, unlabeled_dataloader = accelerator.prepare(
             discriminator, discriminator_optimizer, discriminator_lr_scheduler, unlabeled_dataloader
         )

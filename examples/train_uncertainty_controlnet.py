@@ -440,7 +440,8 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         help="Path or Hub id of a diffusers ControlNetModel used as the semantic branch (its conditioning channels"
-        " must equal --num_classes); the uncertainty branch is initialized from the unet.",
+        " must equal --num_classes); the uncertainty branch is initialized from the unet. With --shared_trunk it"
+        " becomes the shared trunk and a new uncertainty embedding is added.",
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
@@ -808,12 +809,6 @@ def check_args(args) -> None:
         raise ValueError(
             "Specify only one of `--controlnet_model_name_or_path` or `--semantic_controlnet_model_name_or_path`."
         )
-    if args.semantic_controlnet_model_name_or_path and args.shared_trunk:
-        raise ValueError(
-            "`--semantic_controlnet_model_name_or_path` initialises a separate semantic ControlNet and cannot be used "
-            "with `--shared_trunk`."
-        )
-
     # Validation inputs
     for level in args.validation_uncertainty_levels or []:
         if not 0.0 <= level <= 1.0:
@@ -929,7 +924,8 @@ def make_records(args, accelerator):
 
 # ----------------------------------------------------------------------------------------------- models
 def load_controlnet(args, unet: UNet2DConditionModel, vae: AutoencoderKL) -> UncertaintyControlNetModel:
-    """The controlnet to train: loaded, built around an existing semantic ControlNet, or initialised from the unet."""
+    """The controlnet to train: loaded, built around an existing semantic ControlNet (separate branches or a shared
+    trunk), or initialised from the unet."""
     if args.controlnet_model_name_or_path:
         logger.info("Loading existing UncertaintyControlNetModel weights")
         controlnet = UncertaintyControlNetModel.from_pretrained(
@@ -973,6 +969,10 @@ def load_controlnet(args, unet: UNet2DConditionModel, vae: AutoencoderKL) -> Unc
                 f"`--semantic_controlnet_model_name_or_path` has {semantic.config.conditioning_channels} conditioning "
                 "channels."
             )
+        if args.shared_trunk:
+            # The existing ControlNet becomes the shared trunk with its embedding as the semantic one; the new
+            # uncertainty embedding starts with a zero output convolution, so training starts from the ControlNet.
+            return UncertaintyControlNetModel.from_controlnet(semantic, ignore_index=args.ignore_index)
         uncertainty = ControlNetModel.from_unet(
             unet,
             conditioning_channels=1,

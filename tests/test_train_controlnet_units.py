@@ -317,11 +317,6 @@ def test_parse_args_rejects_bad_combinations_before_any_work(script, tmp_path):
         (["--train_branch", "joint", "--train_data_dir", "d", "--uncertainty_dir", "m"], "needs unlabeled data"),
         (["--train_branch", "uncertainty", "--train_data_dir", "d"], "`--uncertainty_dir` (their uncertainty maps)"),
         (["--train_branch", "semantic", "--train_data_dir", "d", "--ignore_index", "2"], "`--ignore_index` must not"),
-        (
-            ["--train_branch", "semantic", "--train_data_dir", "d", "--shared_trunk",
-             "--semantic_controlnet_model_name_or_path", "c"],
-            "cannot be used with `--shared_trunk`",
-        ),
         (["--train_branch", "semantic", "--train_data_dir", "d", "--validation_uncertainty_levels", "1.5"], "[0, 1]"),
     ]
     from diffusers.utils.import_utils import is_xformers_available
@@ -373,6 +368,26 @@ def test_load_controlnet_from_scratch_from_a_semantic_controlnet_and_from_a_save
         assert torch.equal(loaded, original), name
     assert controlnet.uncertainty_controlnet.config.conditioning_channels == 1
     assert all(p.abs().max() == 0 for p in controlnet.uncertainty_controlnet.controlnet_down_blocks.parameters())
+    # With --shared_trunk the same ControlNet becomes the trunk (its embedding the semantic one, weights unchanged);
+    # the new uncertainty embedding adds nothing until trained.
+    args = script.parse_args(base + ["--shared_trunk", "--semantic_controlnet_model_name_or_path", str(tmp_path / "semantic")])
+    controlnet = script.load_controlnet(args, unet, vae)
+    assert controlnet.config.shared_trunk and controlnet.config.semantic_channels == 4
+    assert controlnet.config.ignore_index == 255
+    original = semantic.state_dict()
+    trunk = controlnet.trunk.state_dict()
+    embedding = {f"controlnet_cond_embedding.{k}": v for k, v in controlnet.semantic_embedding.state_dict().items()}
+    assert set(trunk) | set(embedding) == set(original)
+    for name, loaded in {**trunk, **embedding}.items():
+        assert torch.equal(loaded, original[name]), name
+    sample, cond = torch.randn(1, 4, 8, 8), torch.nn.functional.one_hot(torch.randint(0, 4, (1, 16, 16)), 4)
+    cond = cond.permute(0, 3, 1, 2).float()
+    expected = semantic(sample, 10, torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0)), cond,
+                        return_dict=False)
+    got = controlnet(sample, 10, torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0)),
+                     controlnet_cond=[cond, torch.rand(1, 1, 16, 16)], conditioning_scale=[1.0, 1.0])
+    for a, b in zip([*expected[0], expected[1]], [*got[0], got[1]]):
+        assert torch.allclose(a, b, atol=1e-6)
     wrong = script.parse_args([*base[:3], "5", *base[4:], "--semantic_controlnet_model_name_or_path", str(tmp_path / "semantic")])
     with pytest.raises(ValueError, match="`--num_classes` is 5, but the ControlNet .* has 4 conditioning channels"):
         script.load_controlnet(wrong, unet, vae)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .conditioning import prepare_uncertainty_map
-from .training.data import list_images, load_image, load_label, load_uncertainty
+from .training.data import list_images, load_label, load_uncertainty
 
 
 UNCERTAINTY_BANK_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")
@@ -630,8 +630,7 @@ class StyleBank:
             )
         self.count = count
         for path in tqdm(self.files, desc="Checking style images", disable=not show_progress):
-            with PIL.Image.open(folder / path) as image:
-                channels = len(image.convert("RGB").getbands()) if image.mode == "P" else len(image.getbands())
+            channels = len(self._read(path).getbands())
             if channels != in_channels:
                 raise ValueError(
                     f"`{argument}`: the style encoder expects {in_channels}-channel images (in_channels={in_channels}), "
@@ -640,6 +639,11 @@ class StyleBank:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _read(self, path: Path) -> PIL.Image.Image:
+        """An image with its own channels (palette images as RGB): what the channel check saw is what the encoder gets."""
+        with PIL.Image.open(self.folder / path) as image:
+            return image.convert("RGB") if image.mode == "P" else image.copy()
 
     def describe(self) -> str:
         return f"style bank of {len(self)} images in {self.folder}, {self.count} per sample"
@@ -663,7 +667,7 @@ class StyleBank:
                 The sample's seed.
         """
         indices = self.pick(seed)
-        images = [load_image(str(self.folder / self.files[index])) for index in indices]
+        images = [self._read(self.files[index]) for index in indices]
         return images, [self.files[index].as_posix() for index in indices]
 
 

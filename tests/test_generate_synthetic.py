@@ -547,3 +547,19 @@ def test_bad_style_inputs_stop_before_generating(style_workspace, tmp_path):
     args[args.index("--style_bank") + 1] = str(workspace / "rgba")
     args[args.index("--style_images_per_sample") + 1] = "1"
     run_expecting_error(script, args, r"expects 3-channel images \(in_channels=3\), but .*a.png has 4 channels", out)
+
+
+def test_style_bank_serves_images_with_the_channels_it_checked(tmp_path):
+    from diffusers_uncertainty.models import prepare_style_images
+    from diffusers_uncertainty.synthesis import StyleBank
+
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for index in range(3):
+        PIL.Image.fromarray(np.full((12, 12), 40 * index, dtype=np.uint8)).save(folder / f"{index}.png")
+    bank = StyleBank(folder, 2, in_channels=1, show_progress=False)
+    images, names = bank.get(seed=5)
+    assert [image.mode for image in images] == ["L", "L"] and len(set(names)) == 2
+    assert prepare_style_images(images, in_channels=1, image_size=8).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"expects 3-channel images .* has 1 channels"):
+        StyleBank(folder, 2, in_channels=3, show_progress=False)

@@ -1,0 +1,120 @@
+"""What keeps a training loop from leaving the accelerator idle, shared by every training script: the fast-math
+switches, the fused AdamW choice, and the steady-state throughput meter (steps/s and samples/s after warm-up,
+measured with two device synchronisations in all, none per step).
+"""
+
+import os
+import time
+
+import torch
+
+from ..atomic import write_json_atomic
+
+
+THROUGHPUT_FILE = "throughput.json"
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on the CPU): fp32 parts of a mixed-precision
+    step run on tensor cores at a precision far below the noise of stochastic training."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def adamw_fused_kwargs(parameters) -> dict:
+    r"""
+    `{"fused": True}` when every parameter lives on a CUDA device (one kernel for the whole update instead of several
+    per tensor), else `{}`.
+
+    Args:
+        parameters (iterable of `torch.nn.Parameter`):
+            The parameters the optimizer will update (already on their device).
+    """
+    parameters = list(parameters)
+    if parameters and all(p.device.type == "cuda" for p in parameters):
+        return {"fused": True}
+    return {}
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA only; the CPU runs eagerly)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ThroughputMeter:
+    r"""
+    Steady-state throughput of a loop: the first `warmup_steps` steps (allocator growth, cuDNN autotuning,
+    compilation) are excluded; the device is synchronised once when measurement starts and once in [`result`], so
+    the loop itself never waits on the host.
+
+    Args:
+        device (`torch.device` or `str`):
+            The device the loop runs on.
+        samples_per_step (`int`):
+            Samples one step consumes over all processes (batch size x processes x accumulation).
+        warmup_steps (`int`, defaults to 10):
+            Steps excluded from the measurement.
+    """
+
+    def __init__(self, device: torch.device | str, samples_per_step: int, warmup_steps: int = 10):
+        if samples_per_step < 1:
+            raise ValueError(f"`samples_per_step` must be a positive integer, but got {samples_per_step!r}.")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, but got {warmup_steps!r}.")
+        self.device = torch.device(device)
+        self.samples_per_step = samples_per_step
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self._start = None
+        if warmup_steps == 0:
+            self._start_measuring()
+
+    def _start_measuring(self) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def step(self) -> None:
+        """Count one finished step (call it after the optimizer step)."""
+        self.steps += 1
+        if self.steps == self.warmup_steps:
+            self._start_measuring()
+
+    def result(self) -> dict | None:
+        """The measurement so far, or `None` when no step after the warm-up has run yet."""
+        measured = self.steps - self.warmup_steps
+        if self._start is None or measured < 1:
+            return None
+        synchronize(self.device)
+        seconds = time.perf_counter() - self._start
+        return {
+            "steps_per_second": measured / seconds,
+            "samples_per_second": measured * self.samples_per_step / seconds,
+            "measured_steps": measured,
+            "warmup_steps": self.warmup_steps,
+            "seconds": seconds,
+            "samples_per_step": self.samples_per_step,
+            "device": str(self.device),
+        }
+
+    def write(self, output_dir: str | os.PathLike, **extra) -> str:
+        r"""
+        Write the measurement to `<output_dir>/throughput.json` (with `extra` keys, e.g. the stage name) and return
+        the line a script prints. With too few steps to measure, the file says so (`steps_per_second: null`).
+
+        Args:
+            output_dir (`str` or `os.PathLike`):
+                The run's output folder.
+        """
+        result = self.result()
+        record = dict(extra, **(result or {"steps_per_second": None, "samples_per_second": None,
+                                           "measured_steps": 0, "warmup_steps": self.warmup_steps}))
+        write_json_atomic(os.path.join(output_dir, THROUGHPUT_FILE), record)
+        if result is None:
+            return f"Steady-state throughput: not measured ({self.steps} steps, {self.warmup_steps} of warm-up)."
+        return (
+            f"Steady-state throughput: {result['steps_per_second']:.2f} it/s, "
+            f"{result['samples_per_second']:.1f} samples/s ({result['measured_steps']} steps after "
+            f"{self.warmup_steps} warm-up steps, {result['device']})."
+        )

@@ -1,8 +1,10 @@
 """The whole workflow as one command: base model -> source segmenter -> uncertainty maps -> dual control ->
 synthetic data -> segmenters on source + synthetic -> evaluation -> report.
 
-Every stage is one of the example scripts, run with `accelerate launch` exactly as a user would run it, with its
-flags taken from one YAML config (each stage's `args:` mapping is passed through as `--key value` flags). A stage
+Every stage is one of the example scripts, with its flags taken from one YAML config (each stage's `args:` mapping
+is passed through as `--key value` flags). With one process (`launch.args`) a stage runs in the workflow's own
+process (the script's `main(parse_args(flags))`, CUDA and the libraries initialised once for all stages); otherwise
+it runs with `accelerate launch` exactly as a user would run it (`launch.in_process: false` forces that). A stage
 that finished writes `.stage_complete.json` (its command) into its output folder; a later run skips it. A failed
 stage leaves no such marker and runs again. The final report is markdown with the metrics table read back from
 the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty maps and generated images.
@@ -10,7 +12,6 @@ the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty 
 
 import copy
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import Callable
 
 import yaml
 
-from .atomic import write_json_atomic
+from .atomic import write_json_atomic, write_text_atomic
+from .stage_runner import run_in_process, run_subprocess, single_process_environment
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -86,6 +88,9 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
     if data.get("root") is not None:
         root = Path(data["root"])
         data["root"] = str(root if root.is_absolute() else (base_dir / root).resolve())
+    in_process = (config.get("launch") or {}).get("in_process", "auto")
+    if in_process not in ("auto", True, False):
+        raise ValueError(f"`launch.in_process` must be 'auto', true or false, but got {in_process!r}.")
     if not config.get("output_dir"):
         raise ValueError("`output_dir` must be set in the config (or with `--output_dir`).")
     return config
@@ -178,10 +183,14 @@ class Stage:
     args: dict = field(default_factory=dict)
     function: Callable | None = None
 
+    @property
+    def script_path(self) -> Path:
+        """The example script's file."""
+        return EXAMPLES_DIR / self.script
+
     def command(self, launch_args: list[str]) -> list[str]:
-        """The `accelerate launch` command line of a script stage."""
-        script = EXAMPLES_DIR / self.script
-        return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(script), *to_flags(self.args)]
+        """The `accelerate launch` command line of a script stage (what runs it, or its in-process equivalent)."""
+        return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(self.script_path), *to_flags(self.args)]
 
     def is_complete(self) -> bool:
         return (self.output / MARKER).is_file()
@@ -325,8 +334,9 @@ def plan(config: dict) -> list[Stage]:
     return stages
 
 
-def _run_stage(stage: Stage, launch_args: list[str]) -> float:
-    """Run one stage, its output streamed into `<output>.log`; raise with the log's tail if it fails."""
+def _run_stage(stage: Stage, launch_args: list[str], environment: dict | None) -> float:
+    """Run one stage, its output written to `<output>.log`; raise with the log's tail if it fails. With an
+    `environment` (see [`stage_runner.single_process_environment`]) a script stage runs in this process."""
     start = time.perf_counter()
     if stage.function is not None:
         stage.function()
@@ -335,21 +345,54 @@ def _run_stage(stage: Stage, launch_args: list[str]) -> float:
         command = stage.command(launch_args)
         log_path = stage.output.parent / f"{stage.output.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "w") as log:
-            log.write(" ".join(command) + "\n\n")
-            log.flush()
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if result.returncode != 0:
+        how = "in the workflow's process" if environment is not None else "with accelerate launch"
+        write_text_atomic(log_path, " ".join(command) + f"\n(run {how})\n\n")
+        if environment is not None:
+            try:
+                run_in_process(stage.script_path, to_flags(stage.args), environment, log_path)
+                error = None
+            except RuntimeError as failure:
+                error = str(failure)
+        else:
+            returncode = run_subprocess(command, log_path)
+            error = None if returncode == 0 else f"exit {returncode}"
+        if error is not None:
             tail = "".join(open(log_path).readlines()[-40:])
             raise RuntimeError(
-                f"Stage {stage.name!r} failed (exit {result.returncode}). Command:\n  {' '.join(command)}\n"
+                f"Stage {stage.name!r} failed ({error}). Command:\n  {' '.join(command)}\n"
                 f"Last lines of {log_path}:\n{tail}"
             )
     stage.output.mkdir(parents=True, exist_ok=True)
     marker = {"stage": stage.name, "command": command, "seconds": round(time.perf_counter() - start, 1)}
     write_json_atomic(stage.output / MARKER, marker)
     return marker["seconds"]
+
+
+def stage_environment(config: dict) -> dict | None:
+    r"""
+    The environment in which the workflow runs script stages in its own process, or `None` when each runs through
+    `accelerate launch`.
+
+    `launch.in_process` (`auto`, the default, `true` or `false`) decides: `auto` runs stages in-process whenever
+    `launch.args` asks for one local process; `false` always uses `accelerate launch` (a fresh process per stage);
+    `true` insists on in-process runs and is refused for a multi-process launch.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+    """
+    launch = config.get("launch") or {}
+    mode = launch.get("in_process", "auto")
+    if mode is False:
+        return None
+    launch_args = [str(arg) for arg in launch.get("args", ["--num_processes", "1"])]
+    environment = single_process_environment(launch_args, EXAMPLES_DIR / "train_segmentation.py")
+    if environment is None and mode is True:
+        raise ValueError(
+            f"`launch.in_process: true` needs a single local process, but `launch.args` {launch_args} asks "
+            "`accelerate launch` for several processes or a distributed launcher; set `launch.in_process: auto`."
+        )
+    return environment
 
 
 def run_workflow(config: dict, only: list[str] | None = None, force: bool = False, echo: Callable = print) -> Path:
@@ -371,6 +414,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
     """
     stages = plan(config)
     launch_args = [str(arg) for arg in (config.get("launch") or {}).get("args", ["--num_processes", "1"])]
+    environment = stage_environment(config)
     total_start = time.perf_counter()
     for index, stage in enumerate(stages, start=1):
         label = f"[{index:2d}/{len(stages)}] {stage.name:<34}"
@@ -380,7 +424,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
             echo(f"{label} skipped (complete: {stage.output})")
             continue
         echo(f"{label} running ...")
-        seconds = _run_stage(stage, launch_args)
+        seconds = _run_stage(stage, launch_args, environment)
         echo(f"{label} done in {seconds:.0f} s")
     echo(f"Workflow finished in {time.perf_counter() - total_start:.0f} s.")
     return Path(config["output_dir"]).resolve() / "report" / "report.md"

@@ -140,3 +140,66 @@ def test_the_workflow_runs_with_the_latent_diffusion_segmenter(tmp_path):
     assert scores["num_images"] == 8  # the uncertainty maps the control is trained on
     metrics = json.loads((tmp_path / "run" / "evaluation" / "source_only" / "target_val" / "metrics.json").read_text())
     assert 0.0 <= metrics["mIoU"] <= 1.0
+
+
+def _numbers(path):
+    """The numeric entries of a metrics file (paths differ between two output folders)."""
+    def is_path(value):
+        return isinstance(value, str) or isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    return {key: value for key, value in json.loads(path.read_text()).items() if not is_path(value)}
+
+
+def test_in_process_stages_give_the_same_results_and_markers_as_accelerate_launch(tmp_path):
+    variants = {"source_only": {}, "synthetic_flexseg": {"synthetic": True, "synthetic_ratio": 0.5, "flexseg": True}}
+    runs = {}
+    for mode in (True, False):
+        out = tmp_path / ("in_process" if mode else "launched")
+        config = load_config(None, smoke=True, overrides={"output_dir": str(out), "launch": {"in_process": mode}})
+        config["variants"] = variants
+        lines = []
+        run_workflow(config, only=["data", "base", "segmenter", "uncertainty", "control", "generate", "evaluate"],
+                     echo=lines.append)
+        runs[mode] = out
+        first_log = (out / "segmenters" / "source_only.log").read_text().splitlines()[1]
+        assert first_log == ("(run in the workflow's process)" if mode else "(run with accelerate launch)")
+
+    inside, launched = runs[True], runs[False]
+    evaluations = sorted(path.relative_to(inside) for path in inside.glob("evaluation/*/*/metrics.json"))
+    assert len(evaluations) == 4
+    for relative in evaluations:
+        assert _numbers(inside / relative) == _numbers(launched / relative), relative
+    scores = "uncertainty/target_train/scores.json"
+    assert _numbers(inside / scores) == _numbers(launched / scores)
+    for marker in inside.glob(f"**/{MARKER}"):
+        ours, theirs = (json.loads(path.read_text()) for path in (marker, launched / marker.relative_to(inside)))
+        assert set(ours) == set(theirs) and ours["stage"] == theirs["stage"]
+        assert ours["command"] == (None if theirs["command"] is None else
+                                   [part.replace(str(launched), str(inside)) for part in theirs["command"]])
+
+
+def test_in_process_stage_failure_raises_with_the_log_and_leaves_logging_as_it_was(tmp_path):
+    import logging
+
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": True},
+                                                      "segmenter": {"args": {"max_train_steps": -3}}})
+    handlers = logging.getLogger().handlers[:]
+    with pytest.raises(RuntimeError, match=r"Stage 'segmenter' failed \(ValueError: `--max_train_steps` must be positive[\s\S]*Last lines"):
+        run_workflow(config, only=["data", "segmenter"], echo=lambda line: None)
+    assert logging.getLogger().handlers == handlers
+    assert not (tmp_path / "segmenters" / "source_only" / MARKER).exists()
+
+
+def test_in_process_is_refused_for_several_processes(tmp_path):
+    from diffusers_uncertainty.workflow import stage_environment
+
+    two = {"launch": {"args": ["--num_processes", "2", "--cpu"], "in_process": True}}
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), **two})
+    with pytest.raises(ValueError, match=r"`launch.in_process: true` needs a single local process"):
+        stage_environment(config)
+    config["launch"]["in_process"] = "auto"
+    assert stage_environment(config) is None  # several processes: accelerate launch
+    config["launch"] = {"args": ["--num_processes", "1", "--mixed_precision", "bf16"]}
+    assert stage_environment(config)["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    with pytest.raises(ValueError, match="`launch.in_process` must be 'auto', true or false, but got 'yes'"):
+        load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": "yes"}})

@@ -16,13 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = subcommands.add_parser("run", help="Run the workflow (stages already complete are skipped).")
     run.add_argument("--config", default=None, help="YAML config; default: the embedded toy OCT example.")
-    run.add_argument("--smoke", action="store_true", help="Apply the config's `smoke:` scale (small CPU machine).")
+    run.add_argument("--scale", default=None, help="A named scale of the config's `scales:` section (e.g. gpu, smoke).")
+    run.add_argument("--smoke", action="store_true", help="Short for `--scale smoke` (a small CPU machine).")
     run.add_argument("--output_dir", default=None, help="Overrides the config's output_dir.")
     run.add_argument("--only", nargs="+", default=None, help="Run only stages whose name starts with these.")
     run.add_argument("--force", action="store_true", help="Re-run stages even when complete.")
 
     stages = subcommands.add_parser("stages", help="List the stages and commands a config would run.")
     stages.add_argument("--config", default=None)
+    stages.add_argument("--scale", default=None)
     stages.add_argument("--smoke", action="store_true")
     stages.add_argument("--output_dir", default=None)
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote the toy OCT dataset to {args.root}")
         return 0
     overrides = {"output_dir": args.output_dir} if args.output_dir else None
-    config = load_config(args.config, smoke=args.smoke, overrides=overrides)
+    config = load_config(args.config, smoke=args.smoke, overrides=overrides, scale=args.scale)
     if args.command == "stages":
         for stage in plan(config):
             status = "complete" if stage.is_complete() else "to run"

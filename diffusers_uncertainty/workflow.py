@@ -29,7 +29,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 MARKER = ".stage_complete.json"
 CONFIG_SECTIONS = {
     "output_dir", "data", "launch", "base", "segmenter", "variants", "uncertainty", "control", "generate",
-    "evaluate", "report", "smoke", "seed",
+    "evaluate", "report", "scales", "seed",
 }
 
 
@@ -43,7 +43,12 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_config(path: str | os.PathLike | None = None, smoke: bool = False, overrides: dict | None = None) -> dict:
+def load_config(
+    path: str | os.PathLike | None = None,
+    smoke: bool = False,
+    overrides: dict | None = None,
+    scale: str | None = None,
+) -> dict:
     r"""
     Read a workflow config.
 
@@ -52,9 +57,12 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
             A YAML file. `None` takes the embedded default (`diffusers_uncertainty/configs/toy_oct.yaml`: the
             procedurally generated two-domain OCT-like data, tiny models, CPU).
         smoke (`bool`, defaults to `False`):
-            Apply the config's `smoke:` section on top (a scale that finishes on a small CPU machine).
+            Short for `scale="smoke"` (a scale that finishes on a small CPU machine).
         overrides (`dict`, *optional*):
             Applied last, e.g. `{"output_dir": "runs/x"}`.
+        scale (`str`, *optional*):
+            A named scale from the config's `scales:` section (e.g. `smoke`, `gpu`), merged over the rest of the
+            config before `overrides`.
 
     Returns:
         `dict`: the merged config; relative data paths are resolved against the config file's folder.
@@ -74,10 +82,16 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
     unknown = sorted(set(config) - CONFIG_SECTIONS)
     if unknown:
         raise ValueError(f"Unknown config sections {unknown}; expected some of {sorted(CONFIG_SECTIONS)}.")
+    scales = config.pop("scales", None) or {}
     if smoke:
-        config = _deep_merge(config, config.get("smoke") or {})
+        if scale not in (None, "smoke"):
+            raise ValueError(f"`smoke` is short for `scale='smoke'`; it cannot be combined with `scale={scale!r}`.")
+        scale = "smoke"
+    if scale is not None:
+        if scale not in scales:
+            raise ValueError(f"`--scale` must name one of the config's scales {sorted(scales)}, but got {scale!r}.")
+        config = _deep_merge(config, scales[scale] or {})
     config = _deep_merge(config, overrides or {})
-    config.pop("smoke", None)
 
     data = config.setdefault("data", {})
     for key in ("num_classes", "resolution"):
@@ -329,7 +343,8 @@ def plan(config: dict) -> list[Stage]:
     from .report import write_report
 
     stages.append(
-        Stage("report", out / "report", function=lambda: write_report(config, out, root, base_path, control, maps))
+        Stage("report", out / "report",
+              function=lambda: write_report(config, out, root, base_path, control, maps, stages=stages))
     )
     return stages
 

@@ -72,6 +72,9 @@ def test_the_whole_workflow_on_the_embedded_default(tmp_path):
         assert float(row.group(2)) == round(100 * metrics["mDice"], 1)
     synthetic = tmp_path / "run" / "synthetic"
     assert (synthetic / MARKER).is_file()
+    # The stage-time table: one row per stage that ran before the report, with its marker's wall time.
+    seconds = json.loads((tmp_path / "run" / "control" / MARKER).read_text())["seconds"]
+    assert "## Stage times" in text and f"| control | {seconds:.1f} |" in text
 
     # A second run finds every stage complete and runs nothing.
     again = []
@@ -203,3 +206,15 @@ def test_in_process_is_refused_for_several_processes(tmp_path):
     assert stage_environment(config)["ACCELERATE_MIXED_PRECISION"] == "bf16"
     with pytest.raises(ValueError, match="`launch.in_process` must be 'auto', true or false, but got 'yes'"):
         load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": "yes"}})
+
+
+def test_named_scales(tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "configs" / "camvid_daydusk.yaml"
+    gpu = load_config(path, scale="gpu", overrides={"output_dir": str(tmp_path)})
+    assert gpu["data"]["resolution"] == 128 and gpu["launch"]["args"][-1] == "bf16" and "scales" not in gpu
+    assert load_config(path, smoke=True, overrides={"output_dir": "x"}) == load_config(path, scale="smoke",
+                                                                                        overrides={"output_dir": "x"})
+    with pytest.raises(ValueError, match=r"`--scale` must name one of the config's scales \['gpu', 'smoke'\], but got 'tpu'"):
+        load_config(path, scale="tpu", overrides={"output_dir": "x"})

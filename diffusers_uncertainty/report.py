@@ -129,6 +129,32 @@ def generation_grid(pipeline, label_paths: list[Path], uncertainty_paths: list[P
     return PIL.Image.fromarray(np.concatenate(rows, axis=0))
 
 
+def refinement_table(out: Path, variants: dict, rounds: int) -> str:
+    r"""
+    The synthetic variants' metrics round by round (round 1 is `<out>/evaluation`, round `r` is
+    `<out>/rounds/round_<r>/evaluation`), as a markdown table.
+
+    Args:
+        out (`Path`):
+            The workflow's output folder.
+        variants (`dict`):
+            The config's variants (only those with `synthetic: true` change between rounds).
+        rounds (`int`):
+            `refine_rounds`.
+    """
+    rows = ["| segmenter | round | target mIoU | target pixel acc. | source mIoU |", "|---|---|---|---|---|"]
+    for name, variant in variants.items():
+        if not (variant or {}).get("synthetic"):
+            continue
+        for round_index in range(1, rounds + 1):
+            folder = out / "evaluation" if round_index == 1 else out / "rounds" / f"round_{round_index}" / "evaluation"
+            target = _read_metrics(folder / name / "target_val" / "metrics.json") or {}
+            source = _read_metrics(folder / name / "source_val" / "metrics.json") or {}
+            rows.append(f"| {name} | {round_index} | {_percent(target.get('mIoU'))} | "
+                        f"{_percent(target.get('pixel_accuracy'))} | {_percent(source.get('mIoU'))} |")
+    return "\n".join(rows)
+
+
 def stage_times_table(stages: list) -> str:
     r"""
     The markdown table of stage wall times (from each stage's completion marker) and steady-state training
@@ -237,6 +263,20 @@ def write_report(
         "![generated samples](grid.png)",
         "",
     ]
+    from .workflow import refinement_variant
+
+    rounds = config.get("refine_rounds", 1)
+    if rounds > 1:
+        lines += [
+            "## Iterative refinement",
+            "",
+            "Each round re-estimates the uncertainty maps with the previous round's "
+            f"`{refinement_variant(config)}` segmenter, fine-tunes the control on "
+            "them, regenerates the synthetic data and retrains the synthetic variants (%).",
+            "",
+            refinement_table(out, config.get("variants") or {}, rounds),
+            "",
+        ]
     if stages:
         lines += [
             "## Stage times",

@@ -29,7 +29,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 MARKER = ".stage_complete.json"
 CONFIG_SECTIONS = {
     "output_dir", "data", "launch", "base", "segmenter", "variants", "uncertainty", "control", "generate",
-    "evaluate", "report", "scales", "seed",
+    "evaluate", "report", "scales", "seed", "refine_rounds", "refine",
 }
 
 
@@ -340,12 +340,104 @@ def plan(config: dict) -> list[Stage]:
                 )
             )
 
+    stages += refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
+                                uncertainty_args, control_args, generate_args, evaluate_args)
+
     from .report import write_report
 
     stages.append(
         Stage("report", out / "report",
               function=lambda: write_report(config, out, root, base_path, control, maps, stages=stages))
     )
+    return stages
+
+
+def refinement_variant(config: dict) -> str | None:
+    r"""
+    The variant whose segmenter re-estimates the uncertainty maps in the next refinement round: `refine.segmenter`,
+    or by default the last variant trained on synthetic data. `None` when the config has no refinement rounds.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+    """
+    rounds = config.get("refine_rounds", 1)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"`refine_rounds` must be a positive integer, but got {rounds!r}.")
+    if rounds == 1:
+        return None
+    variants = config.get("variants") or {}
+    synthetic = [name for name, variant in variants.items() if (variant or {}).get("synthetic")]
+    name = (config.get("refine") or {}).get("segmenter") or (synthetic[-1] if synthetic else None)
+    if name not in synthetic:
+        raise ValueError(
+            f"`refine.segmenter` must name a variant trained on synthetic data ({synthetic}), but got {name!r}; "
+            "refinement rounds regenerate the synthetic data, so only those variants are retrained."
+        )
+    return name
+
+
+def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
+                      uncertainty_args, control_args, generate_args, evaluate_args) -> list[Stage]:
+    r"""
+    The stages of refinement rounds 2 .. `refine_rounds` (round 1 is the workflow itself). Round `r` writes
+    `<output_dir>/rounds/round_<r>/`: the previous round's segmenter (`refine.segmenter`) re-estimates the uncertainty
+    maps of `source/train` and `target/train`, the previous round's control is fine-tuned on them (the control's args,
+    then `refine.control.args`, e.g. fewer steps), the synthetic data is regenerated with the new control and the
+    new target maps (generation seed offset by the round), and every synthetic variant is retrained from scratch
+    on it and evaluated. Variants without synthetic data do not change between rounds and are not repeated.
+    """
+    name = refinement_variant(config)
+    if name is None:
+        return []
+    data, seed = config["data"], config.get("seed", 0)
+    refine = config.get("refine") or {}
+    stages = []
+    previous_segmenter, previous_control = out / "segmenters" / name, control
+    for round_index in range(2, config["refine_rounds"] + 1):
+        folder = out / "rounds" / f"round_{round_index}"
+        prefix = f"round_{round_index}:"
+        maps = {}
+        for split in ("source/train", "target/train"):
+            split_name = split.replace("/", "_")
+            maps[split] = folder / "uncertainty" / split_name
+            stages.append(Stage(f"{prefix}uncertainty:{split_name}", maps[split], "compute_uncertainty.py",
+                                {"model": previous_segmenter, "data_dir": root / split,
+                                 "resolution": data["resolution"], "output_dir": maps[split], **uncertainty_args}))
+        round_control = folder / "control"
+        stages.append(Stage(
+            f"{prefix}control", round_control, "train_uncertainty_controlnet.py",
+            {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": previous_control,
+             "train_data_dir": root / "source" / "train", "uncertainty_dir": maps["source/train"] / "maps",
+             "unlabeled_data_dir": unlabeled_dir, "unlabeled_uncertainty_dir": maps["target/train"] / "maps",
+             "output_dir": round_control, "seed": seed, **common, **control_args,
+             **((refine.get("control") or {}).get("args") or {})}))
+        synthetic = folder / "synthetic"
+        stages.append(Stage(
+            f"{prefix}generate", synthetic, "generate_synthetic_dataset.py",
+            {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": round_control,
+             "label_dir": root / "source" / "train" / "labels", "uncertainty_bank": maps["target/train"] / "maps",
+             "resolution": data["resolution"], "output_dir": synthetic, **generate_args,
+             "seed": seed + 1000 * (round_index - 1)}))
+        for variant_name, variant in variants.items():
+            variant = dict(variant or {})
+            if not variant.pop("synthetic", False):
+                continue
+            variant["synthetic_data_dir"] = synthetic
+            segmenter_folder = folder / "segmenters" / variant_name
+            stages.append(Stage(
+                f"{prefix}segmenter:{variant_name}", segmenter_folder, "train_segmentation.py",
+                {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
+                 "output_dir": segmenter_folder, "seed": seed, **common,
+                 **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}))
+            for split in ("target/val", "source/val"):
+                evaluation = folder / "evaluation" / variant_name / split.replace("/", "_")
+                stages.append(Stage(
+                    f"{prefix}evaluate:{variant_name}:{split.replace('/', '_')}", evaluation,
+                    "evaluate_segmentation.py",
+                    {"model": segmenter_folder, "data_dir": root / split, "resolution": data["resolution"],
+                     "output_dir": evaluation, **evaluate_args}))
+        previous_segmenter, previous_control = folder / "segmenters" / name, round_control
     return stages
 
 

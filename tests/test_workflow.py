@@ -218,3 +218,44 @@ def test_named_scales(tmp_path):
                                                                                         overrides={"output_dir": "x"})
     with pytest.raises(ValueError, match=r"`--scale` must name one of the config's scales \['gpu', 'smoke'\], but got 'tpu'"):
         load_config(path, scale="tpu", overrides={"output_dir": "x"})
+
+
+def test_refinement_rounds_read_the_previous_round_and_rerun_skips_them(tmp_path):
+    variants = {"source_only": {}, "synthetic": {"synthetic": True, "synthetic_ratio": 0.5},
+                "synthetic_flexseg": {"synthetic": True, "synthetic_ratio": 0.5, "flexseg": True}}
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "refine_rounds": 3,
+                                                      "refine": {"segmenter": "synthetic",
+                                                                 "control": {"args": {"max_train_steps": 2}}}})
+    config["variants"] = variants
+    stages = {stage.name: stage for stage in plan(config)}
+    for round_index, previous in ((2, tmp_path / "segmenters"), (3, tmp_path / "rounds" / "round_2" / "segmenters")):
+        folder = tmp_path / "rounds" / f"round_{round_index}"
+        uncertainty = stages[f"round_{round_index}:uncertainty:target_train"]
+        assert uncertainty.args["model"] == previous / "synthetic" and uncertainty.output == folder / "uncertainty" / "target_train"
+        control = stages[f"round_{round_index}:control"].args
+        assert control["controlnet_model_name_or_path"] == (tmp_path / "control" if round_index == 2 else
+                                                             tmp_path / "rounds" / "round_2" / "control")
+        assert control["unlabeled_uncertainty_dir"] == folder / "uncertainty" / "target_train" / "maps"
+        assert control["max_train_steps"] == 2
+        generate = stages[f"round_{round_index}:generate"].args
+        assert generate["controlnet_model_name_or_path"] == folder / "control" and generate["seed"] != 0
+        assert stages[f"round_{round_index}:segmenter:synthetic_flexseg"].args["synthetic_data_dir"] == folder / "synthetic"
+        assert f"round_{round_index}:segmenter:source_only" not in stages  # no synthetic data: unchanged by rounds
+
+    config["refine_rounds"] = 2
+    report = run_workflow(config, echo=lambda line: None)
+    text = report.read_text()
+    assert "## Iterative refinement" in text
+    metrics = json.loads((tmp_path / "rounds" / "round_2" / "evaluation" / "synthetic" / "target_val" /
+                          "metrics.json").read_text())
+    assert f"| synthetic | 2 | {100 * metrics['mIoU']:.1f} |" in text
+    assert json.loads((tmp_path / "rounds" / "round_2" / "uncertainty" / "target_train" / "scores.json").read_text()
+                      )["models"] == [str(tmp_path / "segmenters" / "synthetic")]
+    again = []
+    run_workflow(config, echo=again.append)
+    assert all("skipped" in line for line in again if line.startswith("[")) and len(again) == len(plan(config)) + 1
+
+    with pytest.raises(ValueError, match=r"`refine.segmenter` must name a variant trained on synthetic data"):
+        plan(dict(config, refine={"segmenter": "source_only"}))
+    with pytest.raises(ValueError, match="`refine_rounds` must be a positive integer, but got 0"):
+        plan(dict(config, refine_rounds=0))

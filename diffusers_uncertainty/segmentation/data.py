@@ -281,6 +281,61 @@ class PhotometricAugmentation:
             image = TF.gaussian_noise(image, sigma=random.uniform(*self.noise_std), clip=True)
         return image
 
+    def batch(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Augments a batch on its device in a few batched kernels: each image gets its own independent draws from the
+        same distribution as [`__call__`] (same probabilities, ranges and order of operations; the same torchvision
+        formulas: brightness `x * f`, contrast `f * x + (1 - f) * mean(gray(x))`, gamma `x ** g`, a Gaussian kernel
+        of size `2 * ceil(3 * sigma) + 1` with reflect padding, additive noise, each clipped to `[0, 1]`). The draws
+        come from `generator` (torch), not from Python's `random`, so they are not those of the per-image path.
+
+        Args:
+            images (`torch.Tensor` of shape `(batch, 3, height, width)`): Float images in `[0, 1]`.
+            generator (`torch.Generator`, *optional*): On the images' device.
+
+        Returns:
+            `torch.Tensor`: augmented images in `[0, 1]`.
+        """
+        batch, device = images.shape[0], images.device
+
+        def draw(probability, value_range):
+            u = torch.rand(batch, 2, device=device, generator=generator)
+            applied = u[:, 0] < probability
+            values = value_range[0] + (value_range[1] - value_range[0]) * u[:, 1]
+            return applied, values.view(batch, 1, 1, 1)
+
+        def where(applied, changed, unchanged):
+            return torch.where(applied.view(batch, 1, 1, 1), changed, unchanged)
+
+        applied, factor = draw(self.p, self.brightness)
+        images = where(applied, (images * factor).clamp(0, 1), images)
+        applied, factor = draw(self.p, self.contrast)
+        gray = (0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).mean((-2, -1))
+        images = where(applied, (factor * images + (1 - factor) * gray.view(batch, 1, 1, 1)).clamp(0, 1), images)
+        applied, gamma = draw(self.p, self.gamma)
+        images = where(applied, images.pow(gamma), images)
+        applied, sigma = draw(self.blur_p, self.blur_sigma)
+        images = where(applied, _blur_batch(images, sigma.view(batch), math.ceil(3 * self.blur_sigma[1])), images)
+        applied, noise_std = draw(self.noise_p, self.noise_std)
+        noise = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
+        images = where(applied, (images + noise * noise_std).clamp(0, 1), images)
+        return images
+
+
+def _blur_batch(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image: torchvision's kernel (size `2 * ceil(3 * sigma) + 1`,
+    normalised) in the middle of a kernel of the largest possible radius `radius` (zeros around it; known from the
+    sigma range, so no host read), reflect padding."""
+    batch, channels, height, width = images.shape
+    radii = torch.ceil(3 * sigma)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = kernel * (offsets[None].abs() <= radii[:, None])
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (batch * channels, K)
+    x = torch.nn.functional.pad(images.reshape(1, batch * channels, height, width), [radius] * 4, mode="reflect")
+    x = torch.nn.functional.conv2d(x, kernel[:, None, None, :], groups=batch * channels)
+    x = torch.nn.functional.conv2d(x, kernel[:, None, :, None], groups=batch * channels)
+    return x.reshape(batch, channels, height, width)
+
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image to a float tensor `(3, H, W)` in `[0, 1]`.

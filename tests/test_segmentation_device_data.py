@@ -89,7 +89,8 @@ def test_device_batches_keep_image_and_label_aligned_and_cover_every_crop_and_fl
     sizes = [(16, 20), (16, 20), (22, 16), (16, 16)]
     folder = load_segmentation_data(str(coded_folder(tmp_path / "d", sizes)), 4, 255)
     data = DeviceSegmentationDataset([folder], 16, "cpu")
-    assert len(data) == 4 and len(data.sizes) == 3  # three stored sizes, gathered per size
+    # Three stored sizes, padded into one tensor; crops stay inside each image's own size.
+    assert len(data) == 4 and data.images.shape == (4, 3, 22, 20) and data.nbytes == 4 * 22 * 20 * 4
     generator = torch.Generator().manual_seed(0)
     offsets, flips = set(), set()
     for _ in range(60):
@@ -102,6 +103,9 @@ def test_device_batches_keep_image_and_label_aligned_and_cover_every_crop_and_fl
         start = int(columns.min())
         assert torch.equal(columns, start + (torch.arange(15, -1, -1) if flipped else torch.arange(16)))
         offsets.add(start)
+        for narrow in (1, 3):  # 16 wide: the crop is the whole width, never the padding beside it
+            columns = pixels[narrow, 1, 0] // 10
+            assert torch.equal(columns, torch.arange(16)) or torch.equal(columns, torch.arange(15, -1, -1))
         flips.add(flipped)
     assert offsets == set(range(5)) and flips == {False, True}  # every crop position 0..W-R and both flips
 

@@ -39,20 +39,21 @@ def _image_size(dataset: Dataset, index: int) -> Tuple[int, int]:
 
 
 def decoded_nbytes(datasets: Sequence[Dataset], resolution: int) -> int:
-    """Bytes the device path needs for training data: per image, 3 uint8 channels and an int16 label at the size the
-    image is stored (shorter side resized to `resolution`).
+    """Bytes the device path needs for training data: per image, 3 uint8 channels and an int16 label at the largest
+    stored height and width (images are stored with their shorter side resized to `resolution`, padded to one size).
 
     Args:
         datasets (`Sequence[Dataset]`): [`SegmentationFolder`] / [`HFSegmentationDataset`] sources.
         resolution (`int`): Training resolution.
     """
-    total = 0
+    count, max_height, max_width = 0, 0, 0
     for dataset in datasets:
         for index in range(len(dataset)):
             width, height = _image_size(dataset, index)
             scale = resolution / min(width, height)
-            total += round(width * scale) * round(height * scale) * (3 + 2)
-    return total
+            max_height, max_width = max(max_height, round(height * scale)), max(max_width, round(width * scale))
+            count += 1
+    return count * max_height * max_width * (3 + 2)
 
 
 def choose_dataset_placement(placement: str, nbytes: int, budget_bytes: int, device: torch.device) -> str:
@@ -89,8 +90,9 @@ class DeviceSegmentationDataset:
     """Labeled training images decoded once into uint8 tensors on `device`, with batched random crops, flips and
     photometric augmentation made there (see the module docstring for how they relate to [`SegmentationTransform`]).
 
-    Images of the same stored size are kept in one `(N, 3, H, W)` tensor; a batch gathers its crops (flip included)
-    with one indexing kernel per size.
+    All images are kept in one `(N, 3, H, W)` tensor, padded at the bottom and right to the largest stored size (each
+    crop stays inside its own image), so a batch gathers its crops (flips included) with one indexing kernel and no
+    host synchronisation.
 
     Args:
         datasets (`Sequence[Dataset]`): Labeled sources (their samples are indexed in order, as in `ConcatDataset`).
@@ -115,30 +117,24 @@ class DeviceSegmentationDataset:
                 image = TF.resize(TF.to_dtype(image, torch.float32, scale=True), resolution, antialias=True)
                 images.append(TF.to_dtype(image.clamp(0, 1), torch.uint8, scale=True))
                 labels.append(TF.resize(label, resolution, interpolation=TF.InterpolationMode.NEAREST)[0])
-        dtype = _label_dtype(labels)
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for index, image in enumerate(images):
-            groups.setdefault(tuple(image.shape[-2:]), []).append(index)
-        self.sizes = list(groups)
-        self.images = [torch.stack([images[i] for i in groups[s]]).to(self.device) for s in self.sizes]
-        self.labels = [torch.stack([labels[i] for i in groups[s]]).to(dtype).to(self.device) for s in self.sizes]
-        group_of = torch.empty(len(images), dtype=torch.long)
-        position = torch.empty(len(images), dtype=torch.long)
-        for g, size in enumerate(self.sizes):
-            group_of[groups[size]] = g
-            position[groups[size]] = torch.arange(len(groups[size]))
-        self.group_of = group_of.to(self.device)
-        self.position = position.to(self.device)
-        self.heights = torch.tensor([s[0] for s in self.sizes], device=self.device)
-        self.widths = torch.tensor([s[1] for s in self.sizes], device=self.device)
+        height = max(image.shape[-2] for image in images)
+        width = max(image.shape[-1] for image in images)
+        self.images = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
+        self.labels = torch.zeros(len(images), height, width, dtype=_label_dtype(labels))
+        for i, (image, label) in enumerate(zip(images, labels)):
+            self.images[i, :, : image.shape[-2], : image.shape[-1]] = image
+            self.labels[i, : label.shape[-2], : label.shape[-1]] = label
+        self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
+        self.heights = torch.tensor([image.shape[-2] for image in images], device=self.device)
+        self.widths = torch.tensor([image.shape[-1] for image in images], device=self.device)
 
     def __len__(self) -> int:
-        return self.group_of.numel()
+        return self.images.shape[0]
 
     @property
     def nbytes(self) -> int:
         """Bytes held on the device."""
-        return sum(t.numel() * t.element_size() for t in self.images + self.labels)
+        return sum(t.numel() * t.element_size() for t in (self.images, self.labels))
 
     def batch(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """A training batch of the given samples: random `resolution` crop, random horizontal flip, photometric
@@ -154,25 +150,19 @@ class DeviceSegmentationDataset:
         indices = indices.to(self.device)
         resolution, device = self.resolution, self.device
         batch = indices.numel()
-        group, position = self.group_of[indices], self.position[indices]
         u = torch.rand(batch, 3, device=device, generator=generator)
-        # Uniform crop offsets in 0..H-R and 0..W-R (as random.randint), flip with probability 0.5.
-        top = (u[:, 0] * (self.heights[group] - resolution + 1)).long()
-        left = (u[:, 1] * (self.widths[group] - resolution + 1)).long()
+        # Uniform crop offsets in 0..H-R and 0..W-R of each image's own size (as random.randint), flip with
+        # probability 0.5.
+        top = (u[:, 0] * (self.heights[indices] - resolution + 1)).long()
+        left = (u[:, 1] * (self.widths[indices] - resolution + 1)).long()
         flip = u[:, 2] < 0.5
         steps = torch.arange(resolution, device=device)
         rows = top[:, None] + steps
         cols = left[:, None] + torch.where(flip[:, None], steps.flip(0), steps)
-        pixel_values = torch.empty(batch, 3, resolution, resolution, dtype=torch.uint8, device=device)
-        labels = torch.empty(batch, resolution, resolution, dtype=torch.long, device=device)
         channels = torch.arange(3, device=device)
-        for g in range(len(self.sizes)):
-            # With one stored size (the usual case) this is the whole batch; no host read decides it otherwise.
-            members = torch.nonzero(group == g).squeeze(1) if len(self.sizes) > 1 else torch.arange(batch, device=device)
-            p, r, c = position[members], rows[members], cols[members]
-            pixel_values[members] = self.images[g][p[:, None, None, None], channels[None, :, None, None],
-                                                   r[:, None, :, None], c[:, None, None, :]]
-            labels[members] = self.labels[g][p[:, None, None], r[:, :, None], c[:, None, :]].long()
+        pixel_values = self.images[indices[:, None, None, None], channels[None, :, None, None],
+                                   rows[:, None, :, None], cols[:, None, None, :]]
+        labels = self.labels[indices[:, None, None], rows[:, :, None], cols[:, None, :]].long()
         pixel_values = TF.to_dtype(pixel_values, torch.float32, scale=True)
         if self.photometric is not None:
             pixel_values = self.photometric.batch(pixel_values, generator=generator)

@@ -122,7 +122,8 @@ def segmenter_flags(segmenter: dict, variant: dict, base_path: str, unlabeled_di
     (`architecture`, `encoder_*`, `decoder_channels`) are dropped, the `segmenter.latent_diffusion.args` mapping is
     added (e.g. `feature_timestep`, `decoder_channels`, `adversarial_weight`), then the variant's own flags, and the
     segmenter reads the workflow's base model (`--base_model_name_or_path`). With an `adversarial_weight` above 0 it
-    aligns to the unlabeled target images (`--unlabeled_data_dir <root>/target/train`).
+    aligns to the unlabeled target images (`--unlabeled_data_dir <root>/target/train`). With
+    `fourier_domain_adaptation` (either model) FDA reads the same images (`--fda_target_dir`).
 
     Args:
         segmenter (`dict`):
@@ -145,8 +146,11 @@ def segmenter_flags(segmenter: dict, variant: dict, base_path: str, unlabeled_di
         flags.update({"model": "latent_diffusion", "base_model_name_or_path": base_path})
         if (flags.get("adversarial_weight") or 0) > 0:
             flags.setdefault("unlabeled_data_dir", unlabeled_dir)
-        return flags
-    flags.update(variant)
+    else:
+        flags.update(variant)
+    if flags.get("fourier_domain_adaptation"):
+        # FDA takes its target amplitude spectra from the unlabeled target images.
+        flags.setdefault("fda_target_dir", unlabeled_dir)
     return flags
 
 

@@ -6,6 +6,9 @@ Writes `<output_dir>/maps/<name>.png` (16-bit grayscale, 0..65535 <-> 0..1, at t
 `<output_dir>/scores.csv` + `<output_dir>/scores.json` (per-image score = mean of the map; JSON also holds the mean
 over images). With `accelerate launch --num_processes N` the images are split between processes.
 
+The images are decoded once and kept on the device; the maps are computed, resized to the original size and
+averaged there in batches of images of one size, and each batch is copied to the host once, to be written.
+
     accelerate launch examples/compute_uncertainty.py --model runs/source_only \
         --data_dir ../shared/data/camvid_daydusk/target/train --resolution 128 --output_dir runs/uncertainty/target
 """
@@ -17,19 +20,11 @@ import os
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from diffusers_uncertainty.segmentation import (
-    UNCERTAINTY_ESTIMATORS,
-    SegmentationTransform,
-    TransformedDataset,
-    load_segmentation_data,
-    load_segmenter,
-)
-from diffusers_uncertainty.segmentation.data import list_collate
+from diffusers_uncertainty.segmentation import UNCERTAINTY_ESTIMATORS, load_segmentation_data, load_segmenter
+from diffusers_uncertainty.segmentation.device_data import EvaluationImages
 from diffusers_uncertainty.segmentation.io_utils import (
-    group_by_shape,
     resize_probs,
     save_image_atomic,
     uncertainty_to_png16,
@@ -57,7 +52,8 @@ def parse_args(input_args=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="DataLoader workers that decode the images (once, before inference).")
     args = parser.parse_args(input_args)
     if args.estimator == "ensemble" and len(args.model) < 2:
         raise ValueError(f"`--estimator ensemble` needs at least 2 `--model`, got {len(args.model)}.")
@@ -94,29 +90,26 @@ def main(args):
         require_labels=False, split=args.dataset_split, image_column=args.image_column, label_column="__none__",
         argument="--data_dir",
     )
-    transform = SegmentationTransform(args.resolution, train=False, multiple=max(strides))
-    dataset = TransformedDataset(dataset, transform)
     # Each process takes its share of the images (accelerate's split_between_processes).
     with accelerator.split_between_processes(list(range(len(dataset)))) as shard:
         shard = list(shard)
-    dataloader = DataLoader(
-        Subset(dataset, shard), batch_size=args.batch_size, shuffle=False, collate_fn=list_collate,
+    images = EvaluationImages(
+        dataset, args.resolution, max(strides), accelerator.device, args.batch_size, indices=shard,
         num_workers=args.dataloader_num_workers,
     )
     estimator = build_estimator(args, models)
     map_dir = os.path.join(args.output_dir, "maps")
     os.makedirs(map_dir, exist_ok=True)
     rows = []
-    for batch in tqdm(dataloader, desc="Uncertainty", disable=not accelerator.is_local_main_process):
-        for indices, pixel_values in group_by_shape(batch["pixel_values"]):
-            with accelerator.autocast():
-                output = estimator(pixel_values.to(accelerator.device))
-            for i, uncertainty in zip(indices, output.maps):
-                size = batch["original_size"][i]
-                full = resize_probs(uncertainty[None, None].float(), size)[0, 0].clamp(0.0, 1.0).cpu()
-                name = batch["name"][i]
-                save_image_atomic(os.path.join(map_dir, f"{name}.png"), uncertainty_to_png16(full.numpy()))
-                rows.append({"name": name, "score": float(full.mean())})
+    for batch in tqdm(images, desc="Uncertainty", disable=not accelerator.is_local_main_process):
+        with accelerator.autocast():
+            output = estimator(batch["pixel_values"])
+        full = resize_probs(output.maps[:, None].float(), batch["original_size"])[:, 0].clamp(0.0, 1.0)
+        scores = full.mean((-2, -1))
+        full, scores = full.cpu().numpy(), scores.cpu().tolist()  # one host copy per batch
+        for name, uncertainty, score in zip(batch["names"], full, scores):
+            save_image_atomic(os.path.join(map_dir, f"{name}.png"), uncertainty_to_png16(uncertainty))
+            rows.append({"name": name, "score": score})
 
     rows = gather_object(rows)
     if accelerator.is_main_process:

@@ -4,6 +4,9 @@
 (`ignore_index` excluded, computed with torchmetrics at the labels' original size), written as `metrics.json` and
 `metrics.md`, optionally with image | truth | prediction | uncertainty panels.
 
+The images and labels are decoded once and kept on the device; predictions and the confusion matrix are computed
+there in batches of images of one size, with no per-image copy to the host (panels excepted).
+
     accelerate launch examples/evaluate_segmentation.py --model runs/source_only \
         --data_dir ../shared/data/camvid_daydusk/target/val --resolution 128 --output_dir runs/eval/target_val
 """
@@ -16,21 +19,17 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers_uncertainty.segmentation import (
     SegmentationMetrics,
-    SegmentationTransform,
-    TransformedDataset,
     load_segmentation_data,
     load_segmenter,
     metrics_to_markdown,
     normalized_entropy,
 )
-from diffusers_uncertainty.segmentation.data import list_collate
+from diffusers_uncertainty.segmentation.device_data import EvaluationImages
 from diffusers_uncertainty.segmentation.io_utils import (
-    group_by_shape,
     resize_probs,
     save_image_atomic,
     write_json_atomic,
@@ -109,38 +108,32 @@ def main(args):
         args.data_dir, num_classes, ignore_index, require_labels=True, split=args.dataset_split,
         image_column=args.image_column, label_column=args.label_column, argument="--data_dir",
     )
-    dataloader = DataLoader(
-        TransformedDataset(dataset, SegmentationTransform(args.resolution, train=False, multiple=model.output_stride)),
-        batch_size=args.batch_size, shuffle=False, collate_fn=list_collate,
-    )
+    images = EvaluationImages(dataset, args.resolution, model.output_stride, accelerator.device, args.batch_size)
     metrics = SegmentationMetrics(num_classes, ignore_index, class_names)
     os.makedirs(args.output_dir, exist_ok=True)
     saved = 0
     with torch.no_grad():
-        for batch in tqdm(dataloader, desc="Evaluating", disable=not accelerator.is_local_main_process):
-            for indices, pixel_values in group_by_shape(batch["pixel_values"]):
-                with accelerator.autocast():
-                    logits = model(pixel_values.to(accelerator.device)).logits.float()
-                for i, logit in zip(indices, logits):
-                    labels = batch["labels"][i]
-                    probs = resize_probs(logit[None].softmax(1), tuple(labels.shape))
-                    prediction = probs.argmax(1).cpu()
-                    metrics.update(prediction, labels[None])
-                    if saved < args.save_visualizations:
-                        image = dataset[batch["index"][i]]["image"]
-                        uncertainty = normalized_entropy(probs, dim=1)[0].cpu().numpy()
-                        panel = np.concatenate(
-                            [
-                                np.asarray(image.convert("RGB")),
-                                colorize(labels.numpy(), palette),
-                                colorize(prediction[0].numpy(), palette),
-                                np.repeat((uncertainty * 255).round().astype(np.uint8)[..., None], 3, axis=2),
-                            ],
-                            axis=1,
-                        )
-                        name = batch["name"][i]
-                        save_image_atomic(os.path.join(args.output_dir, "visualizations", f"{name}.png"), Image.fromarray(panel))
-                        saved += 1
+        for batch in tqdm(images, desc="Evaluating", disable=not accelerator.is_local_main_process):
+            with accelerator.autocast():
+                logits = model(batch["pixel_values"]).logits.float()
+            probs = resize_probs(logits.softmax(1), batch["original_size"])
+            predictions = probs.argmax(1)
+            metrics.update(predictions, batch["labels"])
+            for k in range(min(len(batch["names"]), args.save_visualizations - saved)):
+                image = dataset[batch["indices"][k]]["image"]
+                uncertainty = normalized_entropy(probs[k : k + 1], dim=1)[0].cpu().numpy()
+                panel = np.concatenate(
+                    [
+                        np.asarray(image.convert("RGB")),
+                        colorize(batch["labels"][k].cpu().numpy(), palette),
+                        colorize(predictions[k].cpu().numpy(), palette),
+                        np.repeat((uncertainty * 255).round().astype(np.uint8)[..., None], 3, axis=2),
+                    ],
+                    axis=1,
+                )
+                name = batch["names"][k]
+                save_image_atomic(os.path.join(args.output_dir, "visualizations", f"{name}.png"), Image.fromarray(panel))
+                saved += 1
 
     results = metrics.compute()
     results.update({"model": args.model, "data_dir": args.data_dir, "resolution": args.resolution})

@@ -4,7 +4,13 @@
 on real + synthetic data), either an encoder-decoder from segmentation-models-pytorch (`--model smp`, default) or a
 latent-diffusion segmenter on a frozen diffusers base (`--model latent_diffusion`, ICCLD), optionally aligned to an
 unlabeled target domain with a gradient-reversal domain discriminator (`--adversarial_weight`,
-`--unlabeled_data_dir`).
+`--unlabeled_data_dir`), and optionally with Fourier domain adaptation of the labeled images to unlabeled target
+images (`--fourier_domain_adaptation --fda_target_dir`).
+
+Training data that fits `--device_data_budget_mb` is decoded once and kept on the accelerator, where crops, flips
+and photometric augmentation are made in batches (`--dataset_placement device`, chosen by `auto` on a GPU); larger
+data streams through DataLoader workers (`--dataset_placement stream`). The loop reads losses back to the host only
+every `--logging_steps` steps and ends by printing its steady-state throughput (also in `<output_dir>/throughput.json`).
 
 The structure (argument names, accelerate setup, checkpointing with `--checkpointing_steps` /
 `--resume_from_checkpoint`, trackers, Hub upload) follows diffusers' `examples/controlnet/train_controlnet.py`.
@@ -35,6 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers.optimization import get_scheduler
+from diffusers_uncertainty.training.performance import ThroughputMeter, adamw_fused_kwargs, enable_tf32
 from diffusers_uncertainty.segmentation import (
     DomainDiscriminator,
     FlexSegLoss,
@@ -52,8 +59,16 @@ from diffusers_uncertainty.segmentation import (
     mixture_weights,
 )
 from diffusers_uncertainty.segmentation.data import concat_datasets, list_collate
+from diffusers_uncertainty.segmentation.device_data import (
+    DATASET_PLACEMENTS,
+    DeviceSegmentationDataset,
+    EvaluationImages,
+    choose_dataset_placement,
+    decoded_nbytes,
+    StreamedEvaluationBatches,
+)
+from diffusers_uncertainty.segmentation.fourier import FourierDomainAdaptation
 from diffusers_uncertainty.segmentation.io_utils import (
-    group_by_shape,
     resize_probs,
     save_pretrained_atomic,
     write_json_atomic,
@@ -108,7 +123,25 @@ def parse_args(input_args=None):
                         help="Training crop size (shorter side resized to it); validation resizes the shorter side to it.")
     parser.add_argument("--photometric_augmentation", action="store_true",
                         help="Random brightness, contrast, gamma, blur and noise on training images.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="Workers that decode samples (stream placement) or decode the data once (device placement).")
+    parser.add_argument("--dataset_placement", type=str, default="auto",
+                        help="`device`: decode the training and validation data once and keep it on the accelerator, "
+                             "crops/flips/photometric augmentation batched there. `stream`: decode per sample in "
+                             "DataLoader workers. `auto`: `device` on an accelerator when the decoded training data "
+                             "fits --device_data_budget_mb, else `stream`.")
+    parser.add_argument("--device_data_budget_mb", type=float, default=4096,
+                        help="Largest decoded training data (MB) that `--dataset_placement auto` puts on the device.")
+    # Fourier domain adaptation
+    parser.add_argument("--fourier_domain_adaptation", action="store_true",
+                        help="FDA (Yang & Soatto 2020): give each labeled training image the low-frequency amplitude "
+                             "spectrum of a random image of --fda_target_dir, keeping its phase (and labels).")
+    parser.add_argument("--fda_target_dir", type=str, default=None,
+                        help="Unlabeled target images (folder or dataset) whose amplitude spectra FDA transfers.")
+    parser.add_argument("--fda_beta", type=float, default=0.03,
+                        help="FDA window: frequencies below beta x the shorter crop side take the target amplitude.")
+    parser.add_argument("--fda_on_synthetic", action="store_true",
+                        help="Apply FDA to --synthetic_data_dir images too (default: real labeled images only).")
     # Model
     parser.add_argument("--model", type=str, default="smp", choices=["smp", "latent_diffusion"],
                         help="`smp`: encoder-decoder from segmentation-models-pytorch (--architecture, --encoder_*). "
@@ -167,12 +200,16 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="Compile the segmenter with torch.compile (inductor) through accelerate.")
     parser.add_argument("--seed", type=int, default=None)
     # Bookkeeping
     parser.add_argument("--output_dir", type=str, default="segmenter-model")
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--report_to", type=str, default="tensorboard",
                         help='"tensorboard", "wandb", "all" or "none".')
+    parser.add_argument("--logging_steps", type=int, default=10,
+                        help="Read the losses back to the host (progress bar, trackers) every this many steps.")
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".')
@@ -202,6 +239,21 @@ def parse_args(input_args=None):
             f"`--band_weights` ({len(args.band_weights)}) must have one weight per `--band_radii` ({len(args.band_radii)})."
         )
     check_model_args(args)
+    if args.dataset_placement not in DATASET_PLACEMENTS:
+        raise ValueError(
+            f"`--dataset_placement` must be one of {list(DATASET_PLACEMENTS)}, got {args.dataset_placement!r}."
+        )
+    if args.device_data_budget_mb < 0:
+        raise ValueError(f"`--device_data_budget_mb` must be >= 0, got {args.device_data_budget_mb}.")
+    if args.logging_steps < 1:
+        raise ValueError(f"`--logging_steps` must be a positive integer, got {args.logging_steps}.")
+    if args.fourier_domain_adaptation:
+        if not args.fda_target_dir:
+            raise ValueError("`--fourier_domain_adaptation` needs `--fda_target_dir` (unlabeled target images), got none.")
+        if not 0.0 <= args.fda_beta <= 1.0:
+            raise ValueError(f"`--fda_beta` must be in [0, 1], got {args.fda_beta}.")
+    elif args.fda_target_dir or args.fda_on_synthetic:
+        raise ValueError("`--fda_target_dir` and `--fda_on_synthetic` are only used with `--fourier_domain_adaptation`.")
     if args.max_train_steps < 1:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.class_names is not None and args.classes_json is not None:
@@ -322,6 +374,8 @@ def method_name(args) -> str:
         parts.append("flexseg" if args.flexseg else "noise-aware")
     if args.photometric_augmentation:
         parts.append("photometric-augmentation")
+    if args.fourier_domain_adaptation:
+        parts.append("fda")
     if args.synthetic_data_dir:
         parts.append("synthetic")
     if args.adversarial_weight > 0:
@@ -336,7 +390,8 @@ def build_training_data(args):
         args (`argparse.Namespace`): Parsed arguments.
 
     Returns:
-        `Tuple`: training dataset, per-sample base sampling weights, size of each source.
+        `Tuple`: the sources (real first, then synthetic), per-sample base sampling weights of their concatenation,
+        size of each source.
     """
     real = [
         load_segmentation_data(src, args.num_classes, args.ignore_index, split=args.dataset_split,
@@ -363,32 +418,45 @@ def build_training_data(args):
         real_weights = [(1 - args.synthetic_ratio) * w / real_total for w in real_weights]
         synthetic_weights = [args.synthetic_ratio * w / synth_total for w in synthetic_weights]
     base_weights = mixture_weights(lengths, real_weights + synthetic_weights)
-    photometric = PhotometricAugmentation() if args.photometric_augmentation else None
-    transform = SegmentationTransform(args.resolution, train=True, photometric=photometric)
-    dataset = TransformedDataset(concat_datasets(sources), transform)
-    return dataset, base_weights, lengths
+    return sources, base_weights, lengths
+
+
+def build_fda(args, device):
+    """The `--fourier_domain_adaptation` transfer with the amplitude spectra of `--fda_target_dir` (or `None`).
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+        device (`torch.device`): Where the spectra live.
+    """
+    if not args.fourier_domain_adaptation:
+        return None
+    targets = load_segmentation_data(
+        args.fda_target_dir, args.num_classes, args.ignore_index, require_labels=False, split=args.dataset_split,
+        image_column=args.image_column, label_column="__none__", argument="--fda_target_dir",
+    )
+    return FourierDomainAdaptation(
+        [targets[i]["image"] for i in range(len(targets))], args.resolution, args.fda_beta, device
+    )
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, args, accelerator):
-    """mIoU etc. on a labeled dataset; logits upsampled to the label size.
+def evaluate(model, batches, args, accelerator):
+    """mIoU etc. on a labeled dataset; logits upsampled to the label size, metrics accumulated on the device.
 
     Args:
         model (`SegmentationModel`): Unwrapped model.
-        dataloader (`DataLoader`): Evaluation loader with `list_collate`.
+        batches (`Iterable[Dict]`): [`EvaluationImages`] (device placement) or [`StreamedEvaluationBatches`]
+            (stream placement): the same batches either way.
         args (`argparse.Namespace`): Parsed arguments.
         accelerator (`Accelerator`): For device and autocast.
     """
     model.eval()
     metrics = SegmentationMetrics(args.num_classes, args.ignore_index, args.class_names)
-    for batch in dataloader:
-        for indices, pixel_values in group_by_shape(batch["pixel_values"]):
-            with accelerator.autocast():
-                logits = model(pixel_values.to(accelerator.device)).logits.float()
-            for i, logit in zip(indices, logits):
-                labels = batch["labels"][i]
-                prediction = resize_probs(logit[None], tuple(labels.shape)).argmax(1)
-                metrics.update(prediction, labels[None])
+    for batch in batches:
+        with accelerator.autocast():
+            logits = model(batch["pixel_values"].to(accelerator.device)).logits.float()
+        prediction = resize_probs(logits, batch["original_size"]).argmax(1)
+        metrics.update(prediction, batch["labels"])
     model.train()
     return metrics.compute()
 
@@ -461,15 +529,32 @@ def main(args):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=accelerator_project_config,
+        dynamo_backend="inductor" if args.torch_compile else None,
     )
+    enable_tf32()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if args.seed is not None:
         set_seed(args.seed)
 
     # Data first: bad input stops here, before a model is built.
-    train_dataset, base_weights, lengths = build_training_data(args)
-    validation_dataloader = None
+    sources, base_weights, lengths = build_training_data(args)
+    num_real = sum(lengths[: len(args.train_data_dir)])
+    nbytes = decoded_nbytes(sources, args.resolution) if args.dataset_placement == "auto" else 0
+    placement = choose_dataset_placement(
+        args.dataset_placement, nbytes, int(args.device_data_budget_mb * 2**20), accelerator.device
+    )
+    photometric = PhotometricAugmentation() if args.photometric_augmentation else None
+    if placement == "device":
+        train_dataset = DeviceSegmentationDataset(
+            sources, args.resolution, accelerator.device, photometric=photometric,
+            num_workers=args.dataloader_num_workers,
+        )
+    else:
+        transform = SegmentationTransform(args.resolution, train=True, photometric=photometric)
+        train_dataset = TransformedDataset(concat_datasets(sources), transform)
+    fda = build_fda(args, accelerator.device)
+    validation_batches = None
     if args.validation_data_dir is not None:
         validation_data = load_segmentation_data(
             args.validation_data_dir, args.num_classes, args.ignore_index, split=args.dataset_split,
@@ -498,12 +583,21 @@ def main(args):
     if args.validation_data_dir is not None:
         # Validation inputs keep the aspect ratio, rounded to a multiple of 32 or of a larger network stride (a
         # latent-diffusion segmenter on a Stable Diffusion base needs 64).
-        validation_transform = SegmentationTransform(args.resolution, train=False, multiple=max(32, model.output_stride))
-        validation_dataloader = DataLoader(
-            TransformedDataset(validation_data, validation_transform),
-            batch_size=args.validation_batch_size, shuffle=False, collate_fn=list_collate,
-            num_workers=args.dataloader_num_workers,
-        )
+        multiple = max(32, model.output_stride)
+        if placement == "device":
+            validation_batches = EvaluationImages(
+                validation_data, args.resolution, multiple, accelerator.device, args.validation_batch_size,
+                num_workers=args.dataloader_num_workers,
+            )
+        else:
+            validation_batches = StreamedEvaluationBatches(
+                DataLoader(
+                    TransformedDataset(validation_data, SegmentationTransform(args.resolution, train=False, multiple=multiple)),
+                    batch_size=args.validation_batch_size, shuffle=False, collate_fn=list_collate,
+                    num_workers=args.dataloader_num_workers,
+                ),
+                accelerator.device,
+            )
     loss_fn = FlexSegLoss(
         args.num_classes,
         args.ignore_index,
@@ -532,20 +626,33 @@ def main(args):
             max_hardness=args.hardness_max if args.hardness_sampling else 0.0,
             seed=args.seed or 0,
         )
-    train_dataloader = DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.dataloader_num_workers,
-        drop_last=len(train_dataset) >= args.train_batch_size,
+    drop_last = len(train_dataset) >= args.train_batch_size
+    channels_last = accelerator.device.type == "cuda" and args.model == "smp"
+    model.to(accelerator.device)
+    if channels_last:
+        # cuDNN's convolutions run fastest on NHWC tensors with mixed precision.
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+        **adamw_fused_kwargs(model.parameters()),
     )
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
+    if placement == "device":
+        train_dataloader = None
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        train_dataloader = DataLoader(
+            train_dataset,
+            batch_size=args.train_batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=args.dataloader_num_workers,
+            drop_last=drop_last,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            model, optimizer, train_dataloader, lr_scheduler
+        )
     discriminator = None
     if unlabeled_dataset is not None:
         # Discriminator, its optimizer and the target loader are prepared too, so checkpoints hold their state.
@@ -579,7 +686,7 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Method = {method_name(args)}")
-    logger.info(f"  Num examples = {len(train_dataset)} (sources: {lengths})")
+    logger.info(f"  Num examples = {len(train_dataset)} (sources: {lengths}), dataset placement = {placement}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     if discriminator is not None:
@@ -607,15 +714,43 @@ def main(args):
     )
     reduce_fn = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
     validation_metrics = None
+    throughput_line = None
+    # Device-side random draws: the sample order is the same in every process (each takes its slice), crops, flips,
+    # photometric changes and FDA targets differ per process. Seeded with the step too, so a resume draws anew.
+    seed = (args.seed or 0) + global_step
+    order_generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    augment_generator = torch.Generator(device=accelerator.device).manual_seed(
+        seed + 7919 * (accelerator.process_index + 1)
+    )
+    meter = ThroughputMeter(
+        accelerator.device, total_batch_size, warmup_steps=min(10, (args.max_train_steps - global_step) // 2)
+    )
+
+    def training_batches():
+        """One pass over the training data (the prepared DataLoader or batches made on the device)."""
+        if train_dataloader is not None:
+            return iter(train_dataloader)
+        return train_dataset.batches(
+            args.train_batch_size, sampler=sampler, generator=order_generator, augment_generator=augment_generator,
+            drop_last=drop_last, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+        )
+
     model.train()
-    # The data loader is iterated until `max_train_steps` (epochs carry no meaning with random sampling); after a
-    # resume, training continues with fresh draws.
+    # The data is iterated until `max_train_steps` (epochs carry no meaning with random sampling); after a resume,
+    # training continues with fresh draws.
     while global_step < args.max_train_steps:
-        for batch in train_dataloader:
+        for batch in training_batches():
+            pixel_values = batch["pixel_values"]
+            if fda is not None:
+                # Real labeled images only, unless --fda_on_synthetic (synthetic samples follow the real ones).
+                apply = None if args.fda_on_synthetic else batch["index"] < num_real
+                pixel_values = fda(pixel_values, generator=augment_generator, apply=apply)
+            if channels_last:
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
                 if discriminator is None:
                     with accelerator.autocast():
-                        output = model(batch["pixel_values"], return_features=loss_fn.needs_features)
+                        output = model(pixel_values, return_features=loss_fn.needs_features)
                     terms = loss_fn(output.logits, batch["labels"], output.features, reduce_fn=reduce_fn)
                     loss = terms["loss"]
                 else:
@@ -623,10 +758,10 @@ def main(args):
                     # images do not change the source predictions); segmentation loss on the source part,
                     # discriminator loss through gradient reversal on both.
                     target_pixels = next(unlabeled_batches)["pixel_values"]
-                    num_source = batch["pixel_values"].shape[0]
+                    num_source = pixel_values.shape[0]
                     strength = dann_lambda(min(1.0, global_step / args.max_train_steps), args.adversarial_weight)
                     with accelerator.autocast():
-                        output = model(torch.cat([batch["pixel_values"], target_pixels]),
+                        output = model(torch.cat([pixel_values, target_pixels]),
                                        return_features=loss_fn.needs_features, return_latent_features=True)
                         domain = torch.cat([torch.zeros(num_source), torch.ones(target_pixels.shape[0])])
                         adversarial = domain_adversarial_loss(
@@ -654,18 +789,24 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            meter.step()
+            if global_step == args.max_train_steps and accelerator.is_main_process:
+                # Measured before the final checkpoint and validation.
+                throughput_line = meter.write(args.output_dir, stage="train_segmentation", dataset_placement=placement)
             progress_bar.update(1)
             if sampler is not None:
                 sampler.set_progress(global_step / args.max_train_steps)
-            logs = {k: float(v.detach()) for k, v in terms.items() if k != "per_sample"}
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            if sampler is not None:
-                logs["hardness_mix"] = sampler.hardness_mix
-            if discriminator is not None:
-                progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"], disc_acc=logs["discriminator_accuracy"])
-            else:
-                progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
-            accelerator.log(logs, step=global_step)
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                # The only host read of the losses: every --logging_steps steps.
+                logs = {k: float(v.detach()) for k, v in terms.items() if k != "per_sample"}
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                if sampler is not None:
+                    logs["hardness_mix"] = sampler.hardness_mix
+                if discriminator is not None:
+                    progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"], disc_acc=logs["discriminator_accuracy"])
+                else:
+                    progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
+                accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                 # As in diffusers' examples: enforce checkpoints_total_limit before saving a new one.
@@ -683,11 +824,11 @@ def main(args):
                 logger.info(f"Saved state to {save_path}")
 
             if (
-                validation_dataloader is not None
+                validation_batches is not None
                 and accelerator.is_main_process
                 and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps)
             ):
-                validation_metrics = evaluate(accelerator.unwrap_model(model), validation_dataloader, args, accelerator)
+                validation_metrics = evaluate(accelerator.unwrap_model(model), validation_batches, args, accelerator)
                 accelerator.log(
                     {"val/mIoU": validation_metrics["mIoU"], "val/pixel_accuracy": validation_metrics["pixel_accuracy"]},
                     step=global_step,
@@ -718,6 +859,8 @@ def main(args):
             )
         if validation_metrics is not None:
             accelerator.print(f"final validation mIoU {validation_metrics['mIoU']:.4f}")
+        if throughput_line is not None:
+            accelerator.print(throughput_line)
     accelerator.end_training()
 
 

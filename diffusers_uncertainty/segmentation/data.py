@@ -8,66 +8,21 @@ import os
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-LABEL_MODES = ("L", "P", "I", "I;16")
-
-
-def label_to_array(label, name: str) -> np.ndarray:
-    """Converts a label map (PIL image in mode L/P/I/I;16, numpy array or nested list) to a 2-D int64 array.
-
-    Args:
-        label (`PIL.Image.Image`, `np.ndarray` or `list`): Integer label map.
-        name (`str`): Where the label comes from, for error messages.
-
-    Returns:
-        `np.ndarray` of shape `(height, width)`, dtype int64.
-    """
-    if isinstance(label, Image.Image):
-        if label.mode not in LABEL_MODES:
-            raise ValueError(
-                f"Label {name}: expected a single-channel integer PNG (mode one of {LABEL_MODES}), got mode "
-                f"{label.mode!r}. Colour-coded labels must be converted to class indices first."
-            )
-        array = np.asarray(label)
-    else:
-        array = np.asarray(label)
-    if array.ndim != 2:
-        raise ValueError(f"Label {name}: expected a 2-D map (height, width), got shape {array.shape}.")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"Label {name}: expected integer class indices, got dtype {array.dtype}.")
-    return array.astype(np.int64)
-
-
-def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, name: str) -> None:
-    """Raises a `ValueError` if a label holds values outside `0..num_classes-1` and `ignore_index`.
-
-    Args:
-        label (`np.ndarray`): Integer label map.
-        num_classes (`int`): Number of classes.
-        ignore_index (`int`): Allowed extra value for unlabeled pixels.
-        name (`str`): Where the label comes from, for error messages.
-    """
-    values = np.unique(label)
-    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
-    if bad.size:
-        raise ValueError(
-            f"Label {name}: values must be in 0..{num_classes - 1} (`--num_classes` {num_classes}) or "
-            f"`--ignore_index` {ignore_index}, got {bad.tolist()[:10]}."
-        )
+from ..data_reader import DatasetRecords, folder_records, load_image, load_label, validate_records
 
 
 class SegmentationFolder(Dataset):
     """A folder of images with optional integer label maps: `root/images/*` and `root/labels/<same stem>.png`.
 
-    Without an `images/` subfolder, the images are the files directly in `root` (unlabeled use only). Everything
-    is checked on construction: non-empty folder, one label per image (same file stem), equal image and label size,
+    Listing, pairing, decoding and checking are those of [`diffusers_uncertainty.data_reader`] (the reader the
+    diffusion side uses too): files are found recursively, a sample's name is its path below `images/` without the
+    extension. Without an `images/` subfolder, the images are the files in `root` (unlabeled use only). Everything is
+    checked on construction: non-empty folder, one label per image (same file stem), equal image and label size,
     label values in range.
 
     Args:
@@ -88,59 +43,25 @@ class SegmentationFolder(Dataset):
     ):
         if not os.path.isdir(root):
             raise ValueError(f"`{argument}`: expected a folder, got {root!r} (does not exist or is not a folder).")
-        image_dir = os.path.join(root, "images")
-        label_dir = os.path.join(root, "labels")
-        if not os.path.isdir(image_dir):
-            if require_labels:
-                raise ValueError(
-                    f"`{argument}` {root!r}: expected subfolders `images/` and `labels/`, found no `images/`."
-                )
-            image_dir, label_dir = root, None
-        elif not os.path.isdir(label_dir):
-            if require_labels:
-                raise ValueError(f"`{argument}` {root!r}: expected a `labels/` folder beside `images/`, found none.")
-            label_dir = None
-        images = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not images:
-            raise ValueError(
-                f"`{argument}` {root!r}: no images found in {image_dir!r} (expected files ending in "
-                f"{', '.join(IMAGE_EXTENSIONS)})."
-            )
-        stems = [os.path.splitext(f)[0] for f in images]
-        if len(set(stems)) != len(stems):
-            raise ValueError(f"`{argument}` {root!r}: several images share a file stem in {image_dir!r}.")
+        records = folder_records(root, require_labels=require_labels, argument=argument)
+        names = [r["relative_path"].with_suffix("").as_posix() for r in records]
+        if len(set(names)) != len(names):
+            # Names become output file names (uncertainty maps, predictions).
+            raise ValueError(f"`{argument}` {root!r}: several images share a file stem.")
         self.root = root
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.image_paths = [os.path.join(image_dir, f) for f in images]
-        self.names = stems
-        self.label_paths: Optional[List[str]] = None
-        if label_dir is not None:
-            missing = [s for s in stems if not os.path.isfile(os.path.join(label_dir, s + ".png"))]
-            if missing and require_labels:
-                raise ValueError(
-                    f"`{argument}` {root!r}: every image needs `labels/<stem>.png`; missing for {len(missing)} "
-                    f"image(s), e.g. {missing[:3]}."
-                )
-            if not missing:
-                self.label_paths = [os.path.join(label_dir, s + ".png") for s in stems]
+        self.records = records
+        self.names = names
+        self.image_paths = [r["image"] for r in records]
+        self.label_paths: Optional[List[str]] = [r["label"] for r in records] if records[0]["label"] else None
         if self.label_paths is not None:
             if num_classes is None:
                 raise ValueError("`num_classes` is required to check a labeled folder.")
-            self._validate()
-
-    def _validate(self) -> None:
-        for image_path, label_path in zip(self.image_paths, self.label_paths):
-            with Image.open(image_path) as image:
-                image_size = image.size
-            with Image.open(label_path) as label_image:
-                label = label_to_array(label_image, label_path)
-            if label.shape != (image_size[1], image_size[0]):
-                raise ValueError(
-                    f"Label {label_path}: expected the size of its image {image_path} "
-                    f"({image_size[0]}x{image_size[1]} WxH), got {label.shape[1]}x{label.shape[0]}."
-                )
-            check_label_values(label, self.num_classes, self.ignore_index, label_path)
+            validate_records(
+                records, num_classes, ignore_index, need_labels=True, need_uncertainty=False, description=argument,
+                show_progress=False,
+            )
 
     @property
     def has_labels(self) -> bool:
@@ -148,21 +69,21 @@ class SegmentationFolder(Dataset):
         return self.label_paths is not None
 
     def __len__(self) -> int:
-        return len(self.image_paths)
+        return len(self.records)
 
     def __getitem__(self, index: int) -> Dict:
-        with Image.open(self.image_paths[index]) as image:
-            sample = {"image": image.convert("RGB"), "name": self.names[index]}
+        record = self.records[index]
+        sample = {"image": load_image(record["image"], record["name"]), "name": self.names[index]}
         if self.label_paths is not None:
-            with Image.open(self.label_paths[index]) as label:
-                sample["label"] = label_to_array(label, self.label_paths[index])
+            sample["label"] = load_label(record["label"], record["name"])
         return sample
 
 
 class HFSegmentationDataset(Dataset):
     """A `datasets.Dataset` with an image column and (optionally) an integer label column, checked on construction.
 
-    Labels may be PIL images (a `datasets.Image` feature) or nested lists / arrays.
+    Labels may be PIL images (a `datasets.Image` feature) or nested lists / arrays; rows are read as records of
+    [`diffusers_uncertainty.data_reader`] (named `<argument>[<index>]` in error messages).
 
     Args:
         dataset (`datasets.Dataset`): The dataset (one split).
@@ -195,40 +116,29 @@ class HFSegmentationDataset(Dataset):
         self.image_column = image_column
         self.label_column = label_column
         self.argument = argument
+        self.records = DatasetRecords(dataset, image_column, label_column, description=argument)
         if label_column is not None:
             if num_classes is None:
                 raise ValueError("`num_classes` is required to check a labeled dataset.")
-            for index in range(len(dataset)):
-                self._load(index, check=True)
+            validate_records(
+                self.records, num_classes, ignore_index, need_labels=True, need_uncertainty=False,
+                description=argument, show_progress=False,
+            )
 
     @property
     def has_labels(self) -> bool:
         """Whether the dataset has labels."""
         return self.label_column is not None
 
-    def _load(self, index: int, check: bool = False) -> Dict:
-        row = self.dataset[index]
-        image = row[self.image_column]
-        image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        sample = {"image": image.convert("RGB"), "name": f"{index:06d}"}
+    def __getitem__(self, index: int) -> Dict:
+        record = self.records[index]
+        sample = {"image": load_image(record["image"], record["name"]), "name": f"{index:06d}"}
         if self.label_column is not None:
-            name = f"{self.argument}[{index}][{self.label_column!r}]"
-            label = label_to_array(row[self.label_column], name)
-            if check:
-                if label.shape != (image.size[1], image.size[0]):
-                    raise ValueError(
-                        f"Label {name}: expected the size of its image ({image.size[0]}x{image.size[1]} WxH), "
-                        f"got {label.shape[1]}x{label.shape[0]}."
-                    )
-                check_label_values(label, self.num_classes, self.ignore_index, name)
-            sample["label"] = label
+            sample["label"] = load_label(record["label"], record["name"])
         return sample
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Dict:
-        return self._load(index)
 
 
 def load_segmentation_data(
@@ -370,6 +280,61 @@ class PhotometricAugmentation:
         if random.random() < self.noise_p:
             image = TF.gaussian_noise(image, sigma=random.uniform(*self.noise_std), clip=True)
         return image
+
+    def batch(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Augments a batch on its device in a few batched kernels: each image gets its own independent draws from the
+        same distribution as [`__call__`] (same probabilities, ranges and order of operations; the same torchvision
+        formulas: brightness `x * f`, contrast `f * x + (1 - f) * mean(gray(x))`, gamma `x ** g`, a Gaussian kernel
+        of size `2 * ceil(3 * sigma) + 1` with reflect padding, additive noise, each clipped to `[0, 1]`). The draws
+        come from `generator` (torch), not from Python's `random`, so they are not those of the per-image path.
+
+        Args:
+            images (`torch.Tensor` of shape `(batch, 3, height, width)`): Float images in `[0, 1]`.
+            generator (`torch.Generator`, *optional*): On the images' device.
+
+        Returns:
+            `torch.Tensor`: augmented images in `[0, 1]`.
+        """
+        batch, device = images.shape[0], images.device
+
+        def draw(probability, value_range):
+            u = torch.rand(batch, 2, device=device, generator=generator)
+            applied = u[:, 0] < probability
+            values = value_range[0] + (value_range[1] - value_range[0]) * u[:, 1]
+            return applied, values.view(batch, 1, 1, 1)
+
+        def where(applied, changed, unchanged):
+            return torch.where(applied.view(batch, 1, 1, 1), changed, unchanged)
+
+        applied, factor = draw(self.p, self.brightness)
+        images = where(applied, (images * factor).clamp(0, 1), images)
+        applied, factor = draw(self.p, self.contrast)
+        gray = (0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).mean((-2, -1))
+        images = where(applied, (factor * images + (1 - factor) * gray.view(batch, 1, 1, 1)).clamp(0, 1), images)
+        applied, gamma = draw(self.p, self.gamma)
+        images = where(applied, images.pow(gamma), images)
+        applied, sigma = draw(self.blur_p, self.blur_sigma)
+        images = where(applied, _blur_batch(images, sigma.view(batch), math.ceil(3 * self.blur_sigma[1])), images)
+        applied, noise_std = draw(self.noise_p, self.noise_std)
+        noise = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
+        images = where(applied, (images + noise * noise_std).clamp(0, 1), images)
+        return images
+
+
+def _blur_batch(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image: torchvision's kernel (size `2 * ceil(3 * sigma) + 1`,
+    normalised) in the middle of a kernel of the largest possible radius `radius` (zeros around it; known from the
+    sigma range, so no host read), reflect padding."""
+    batch, channels, height, width = images.shape
+    radii = torch.ceil(3 * sigma)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = kernel * (offsets[None].abs() <= radii[:, None])
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (batch * channels, K)
+    x = torch.nn.functional.pad(images.reshape(1, batch * channels, height, width), [radius] * 4, mode="reflect")
+    x = torch.nn.functional.conv2d(x, kernel[:, None, None, :], groups=batch * channels)
+    x = torch.nn.functional.conv2d(x, kernel[:, None, :, None], groups=batch * channels)
+    return x.reshape(batch, channels, height, width)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import os
 import shutil
 import tempfile
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -52,21 +52,6 @@ def save_pretrained_atomic(model, output_dir: str, **kwargs) -> None:
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def group_by_shape(tensors: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:
-    """Groups same-shaped tensors so each group runs as one batch.
-
-    Args:
-        tensors (`Sequence[torch.Tensor]`): Tensors of possibly different shapes.
-
-    Returns:
-        `List[Tuple[List[int], torch.Tensor]]`: (indices in the input, stacked tensors) per shape.
-    """
-    groups = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(tuple(t.shape), []).append(i)
-    return [(idx, torch.stack([tensors[i] for i in idx])) for idx in groups.values()]
 
 
 def resize_probs(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

@@ -41,7 +41,10 @@ class SegmentationMetrics:
             raise ValueError(
                 f"`predictions` {tuple(predictions.shape)} and `labels` {tuple(labels.shape)} must have the same shape."
             )
-        self.confmat.update(predictions.cpu(), labels.cpu())
+        if self.confmat.device != predictions.device:
+            # The confusion matrix follows the predictions' device, so batches on the GPU need no host copy.
+            self.confmat = self.confmat.to(predictions.device)
+        self.confmat.update(predictions, labels.to(predictions.device))
 
     def compute(self) -> Dict:
         """Returns the metrics.

@@ -23,12 +23,58 @@ import yaml
 from .atomic import write_json_atomic
 
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+PACKAGE_DIR = Path(__file__).resolve().parent
 MARKER = ".stage_complete.json"
 CONFIG_SECTIONS = {
     "output_dir", "data", "launch", "base", "segmenter", "variants", "uncertainty", "control", "generate",
     "evaluate", "report", "smoke", "seed",
 }
+
+
+def _examples_dir() -> Path:
+    # An installed wheel carries the repository's `examples/` as `diffusers_uncertainty/examples/` (pyproject.toml
+    # maps the folder into the package); a checkout (editable install, or the package on PYTHONPATH) has it beside
+    # the package. Only the first folder that exists is used, so a wheel never reads an unrelated `examples/`.
+    for folder in (PACKAGE_DIR / "examples", PACKAGE_DIR.parent / "examples"):
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"The workflow's example scripts are missing: neither {PACKAGE_DIR / 'examples'} nor "
+        f"{PACKAGE_DIR.parent / 'examples'} exists; reinstall diffusers-uncertainty."
+    )
+
+
+def example_script_path(name: str) -> Path:
+    r"""
+    The path of one of the workflow's example scripts, e.g. `"train_segmentation.py"`: the repository's
+    `examples/` folder in a checkout, the same files inside the package when installed from a wheel.
+
+    Args:
+        name (`str`):
+            The script's file name.
+
+    Returns:
+        `Path`: an existing file.
+    """
+    folder = _examples_dir()
+    path = folder / name
+    if not name.endswith(".py") or path.parent != folder or not path.is_file():
+        scripts = sorted(script.name for script in folder.glob("*.py"))
+        raise ValueError(f"`name` must be one of the example scripts {scripts}, but got {name!r}.")
+    return path
+
+
+def shipped_configs() -> dict[str, Path]:
+    r"""
+    The workflow configs that come with the package, by name: the embedded default (`toy_oct`) and those of
+    `examples/configs/` (e.g. `camvid_daydusk`). `--config NAME` takes one of them.
+    """
+    folders = (PACKAGE_DIR / "configs", _examples_dir() / "configs")
+    return {path.stem: path for folder in folders for path in sorted(folder.glob("*.yaml"))}
+
+
+# The folders `plan` reads under `data.root`.
+DATA_ROOT_FOLDERS = ("source/train", "source/val", "target/train", "target/val")
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -47,25 +93,32 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
 
     Args:
         path (`str` or `os.PathLike`, *optional*):
-            A YAML file. `None` takes the embedded default (`diffusers_uncertainty/configs/toy_oct.yaml`: the
+            A YAML file, or the name of a config shipped with the package (see [`shipped_configs`], e.g.
+            `camvid_daydusk`). `None` takes the embedded default (`diffusers_uncertainty/configs/toy_oct.yaml`: the
             procedurally generated two-domain OCT-like data, tiny models, CPU).
         smoke (`bool`, defaults to `False`):
             Apply the config's `smoke:` section on top (a scale that finishes on a small CPU machine).
         overrides (`dict`, *optional*):
-            Applied last, e.g. `{"output_dir": "runs/x"}`.
+            Applied last, e.g. `{"output_dir": "runs/x"}` or `{"data": {"root": "data/camvid_daydusk"}}` (what
+            `--output_dir` and `--data_root` do).
 
     Returns:
-        `dict`: the merged config; relative data paths are resolved against the config file's folder.
+        `dict`: the merged config; a relative `data.root` is resolved against the working directory, like
+        `output_dir`, and must hold `source/train`, `source/val`, `target/train` and `target/val`.
     """
     if path is None:
         text = resources.files("diffusers_uncertainty").joinpath("configs/toy_oct.yaml").read_text()
-        base_dir = Path.cwd()
     else:
+        shipped = shipped_configs()
+        if not Path(path).is_file() and str(path) in shipped:
+            path = shipped[str(path)]
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"`--config` must be a YAML file, but {str(path)!r} does not exist.")
+            raise ValueError(
+                f"`--config` must be a YAML file or the name of a config shipped with the package {sorted(shipped)}, "
+                f"but {str(path)!r} does not exist."
+            )
         text = path.read_text()
-        base_dir = path.resolve().parent
     config = yaml.safe_load(text) or {}
     if not isinstance(config, dict):
         raise ValueError(f"The config must be a YAML mapping, but got {type(config).__name__}.")
@@ -84,8 +137,19 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
     if data["resolution"] % 8 != 0:
         raise ValueError(f"`data.resolution` must be divisible by 8, but got {data['resolution']}.")
     if data.get("root") is not None:
-        root = Path(data["root"])
-        data["root"] = str(root if root.is_absolute() else (base_dir / root).resolve())
+        root = Path(data["root"]).resolve()
+        if not root.is_dir():
+            raise ValueError(
+                f"The data folder {str(root)!r} (`--data_root`, or `data.root` in the config) does not exist. Pass "
+                "`--data_root DIR`; CamVid day -> dusk is built by `diffusers-uncertainty prepare camvid-daydusk`."
+            )
+        missing = [folder for folder in DATA_ROOT_FOLDERS if not (root / folder).is_dir()]
+        if missing:
+            raise ValueError(
+                f"The data folder {str(root)!r} (`--data_root`, or `data.root` in the config) must hold "
+                f"{', '.join(DATA_ROOT_FOLDERS)}, but has no {', '.join(missing)}."
+            )
+        data["root"] = str(root)
     if not config.get("output_dir"):
         raise ValueError("`output_dir` must be set in the config (or with `--output_dir`).")
     return config
@@ -180,7 +244,7 @@ class Stage:
 
     def command(self, launch_args: list[str]) -> list[str]:
         """The `accelerate launch` command line of a script stage."""
-        script = EXAMPLES_DIR / self.script
+        script = example_script_path(self.script)
         return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(script), *to_flags(self.args)]
 
     def is_complete(self) -> bool:

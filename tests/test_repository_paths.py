@@ -15,7 +15,9 @@ CHECKED = sorted(
     + list((REPO / "diffusers_uncertainty" / "configs").rglob("*.yaml"))
 )
 # Folders of the machine this project was developed on, which users do not have.
-MACHINE_PATHS = re.compile(r"\.\./shared\b|(?<![\w.])shared/(data|seeds|DESIGN)|DESIGN\.md|(?<![\w.~-])/(work|home|Users|root|mnt)/")
+MACHINE_PATHS = re.compile(
+    r"\.\./shared\b|(?<![\w.])shared/(data|seeds|DESIGN)|DESIGN\.md|(?<![\w.~-])/(work|home|Users|root|mnt)/"
+)
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 RELATIVE_PATH = re.compile(r"(?<![\w./-])((?:\.\./)+[\w./-]*)")
 

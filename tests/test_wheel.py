@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -30,7 +29,8 @@ def expected_wheel_files() -> set[str]:
              for pattern in ("*.py", "configs/*.yaml") for path in (REPO / "diffusers_uncertainty").rglob(pattern)
              if "__pycache__" not in path.parts}
     files |= {f"diffusers_uncertainty/examples/{path.name}" for path in (REPO / "examples").glob("*.py")}
-    files |= {f"diffusers_uncertainty/examples/configs/{path.name}" for path in (REPO / "examples" / "configs").glob("*.yaml")}
+    files |= {f"diffusers_uncertainty/examples/configs/{path.name}"
+              for path in (REPO / "examples" / "configs").glob("*.yaml")}
     files |= {f"diffusers_uncertainty/model_cards/{path.name}" for path in (REPO / "model_cards").glob("*.md")}
     return files
 
@@ -41,7 +41,8 @@ def wheel(tmp_path_factory):
     shutil.copytree(REPO, source, ignore=BUILD_LEFTOVERS)
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", dist, source],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", dist,
+         source],
         check=True,
         capture_output=True,
     )
@@ -59,7 +60,10 @@ def venv(wheel, tmp_path_factory):
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()
-    outer = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    # This interpreter's import path minus the checkout: its site-packages and whatever they add (.pth files in a
+    # folder named by a .pth file are not run, so naming the folders is what makes nested set-ups work too).
+    outer = [entry for entry in dict.fromkeys(sys.path)
+             if entry and Path(entry).is_dir() and Path(entry).resolve() != REPO]
     Path(purelib, "dependencies_from_the_test_environment.pth").write_text("\n".join(outer) + "\n")
     # --ignore-installed: pip must not touch the checkout's own (editable) install, which it sees through the .pth.
     subprocess.run(
@@ -80,7 +84,8 @@ def clean_env() -> dict:
 def test_the_wheel_holds_the_package_the_example_scripts_and_the_card_templates(wheel):
     with zipfile.ZipFile(wheel) as archive:
         files = {name for name in archive.namelist() if ".dist-info/" not in name}
-        entry_points = next(archive.read(name).decode() for name in archive.namelist() if name.endswith("entry_points.txt"))
+        (entry_points,) = [archive.read(name).decode() for name in archive.namelist()
+                           if name.endswith(".dist-info/entry_points.txt")]
     assert files == expected_wheel_files()
     assert "diffusers-uncertainty = diffusers_uncertainty.cli:main" in entry_points
 

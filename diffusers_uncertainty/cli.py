@@ -27,10 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="Re-run stages even when complete.")
 
     stages = subcommands.add_parser("stages", help="List the stages and commands a config would run.")
-    stages.add_argument("--config", default=None)
+    stages.add_argument("--config", default=None, help="As for `run`.")
     stages.add_argument("--smoke", action="store_true")
     stages.add_argument("--output_dir", default=None)
-    stages.add_argument("--data_root", default=None)
+    stages.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
 
     prepare = subcommands.add_parser("prepare", help="Build a dataset from its public source in the package's layout.")
     dataset_parsers = prepare.add_subparsers(dest="dataset", required=True)

@@ -109,15 +109,15 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
     if path is None:
         text = resources.files("diffusers_uncertainty").joinpath("configs/toy_oct.yaml").read_text()
     else:
-        shipped = shipped_configs()
-        if not Path(path).is_file() and str(path) in shipped:
+        if not Path(path).is_file():
+            shipped = shipped_configs()
+            if str(path) not in shipped:
+                raise ValueError(
+                    f"`--config` must be a YAML file or the name of a config shipped with the package "
+                    f"{sorted(shipped)}, but {str(path)!r} does not exist."
+                )
             path = shipped[str(path)]
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(
-                f"`--config` must be a YAML file or the name of a config shipped with the package {sorted(shipped)}, "
-                f"but {str(path)!r} does not exist."
-            )
         text = path.read_text()
     config = yaml.safe_load(text) or {}
     if not isinstance(config, dict):

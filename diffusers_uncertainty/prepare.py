@@ -232,7 +232,7 @@ high-definition ground truth database", Pattern Recognition Letters 2009.
 
 Sequence {DUSK_SEQUENCE} was filmed at dusk, the others in daylight: the source domain is day, the target dusk.
 
-| folder | sequences | frames | images | labels |
+| folder | sequences | first ... last frame | images | labels |
 | --- | --- | --- | --- | --- |
 {table}
 

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="YAML file, or the name of a config shipped with the package (camvid_daydusk, toy_oct); default: toy_oct.",
     )
-    run.add_argument("--smoke", action="store_true", help="Apply the config's `smoke:` scale (small CPU machine).")
+    run.add_argument("--scale", default=None, help="A named scale of the config's `scales:` section (e.g. gpu, smoke).")
+    run.add_argument("--smoke", action="store_true", help="Short for `--scale smoke` (a small CPU machine).")
     run.add_argument("--output_dir", default=None, help="Overrides the config's output_dir.")
     run.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
     run.add_argument("--only", nargs="+", default=None, help="Run only stages whose name starts with these.")
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stages = subcommands.add_parser("stages", help="List the stages and commands a config would run.")
     stages.add_argument("--config", default=None, help="As for `run`.")
+    stages.add_argument("--scale", default=None)
     stages.add_argument("--smoke", action="store_true")
     stages.add_argument("--output_dir", default=None)
     stages.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["output_dir"] = args.output_dir
     if args.data_root:
         overrides["data"] = {"root": args.data_root}
-    config = load_config(args.config, smoke=args.smoke, overrides=overrides)
+    config = load_config(args.config, smoke=args.smoke, overrides=overrides, scale=args.scale)
     if args.command == "stages":
         for stage in plan(config):
             status = "complete" if stage.is_complete() else "to run"

@@ -129,7 +129,64 @@ def generation_grid(pipeline, label_paths: list[Path], uncertainty_paths: list[P
     return PIL.Image.fromarray(np.concatenate(rows, axis=0))
 
 
-def write_report(config: dict, out: Path, root: Path, base_path: str, control: Path, maps: dict) -> Path:
+def refinement_table(out: Path, variants: dict, rounds: int) -> str:
+    r"""
+    The synthetic variants' metrics round by round (round 1 is `<out>/evaluation`, round `r` is
+    `<out>/rounds/round_<r>/evaluation`), as a markdown table.
+
+    Args:
+        out (`Path`):
+            The workflow's output folder.
+        variants (`dict`):
+            The config's variants (only those with `synthetic: true` change between rounds).
+        rounds (`int`):
+            `refine_rounds`.
+    """
+    rows = ["| segmenter | round | target mIoU | target pixel acc. | source mIoU |", "|---|---|---|---|---|"]
+    for name, variant in variants.items():
+        if not (variant or {}).get("synthetic"):
+            continue
+        for round_index in range(1, rounds + 1):
+            folder = out / "evaluation" if round_index == 1 else out / "rounds" / f"round_{round_index}" / "evaluation"
+            target = _read_metrics(folder / name / "target_val" / "metrics.json") or {}
+            source = _read_metrics(folder / name / "source_val" / "metrics.json") or {}
+            rows.append(f"| {name} | {round_index} | {_percent(target.get('mIoU'))} | "
+                        f"{_percent(target.get('pixel_accuracy'))} | {_percent(source.get('mIoU'))} |")
+    return "\n".join(rows)
+
+
+def stage_times_table(stages: list) -> str:
+    r"""
+    The markdown table of stage wall times (from each stage's completion marker) and steady-state training
+    throughputs (from the `throughput.json` a training script writes into its output folder).
+
+    Args:
+        stages (`list[Stage]`):
+            The workflow's stages, in order (see [`workflow.plan`]).
+    """
+    from .training.performance import THROUGHPUT_FILE
+    from .workflow import MARKER
+
+    rows = ["| stage | wall time (s) | steps/s | samples/s |", "|---|---|---|---|"]
+    total = 0.0
+    for stage in stages:
+        marker = _read_metrics(stage.output / MARKER)
+        if marker is None:
+            continue  # not run (yet): the report itself, or stages left out with --only
+        throughput = _read_metrics(stage.output / THROUGHPUT_FILE) or {}
+        steps, samples = throughput.get("steps_per_second"), throughput.get("samples_per_second")
+        total += marker["seconds"]
+        rows.append(
+            f"| {stage.name} | {marker['seconds']:.1f} | {'' if steps is None else f'{steps:.1f}'} | "
+            f"{'' if samples is None else f'{samples:.0f}'} |"
+        )
+    rows.append(f"| **all stages above** | **{total:.1f}** | | |")
+    return "\n".join(rows)
+
+
+def write_report(
+    config: dict, out: Path, root: Path, base_path: str, control: Path, maps: dict, stages: list | None = None
+) -> Path:
     r"""
     Write `<out>/report/report.md` and `<out>/report/grid.png`.
 
@@ -146,6 +203,8 @@ def write_report(config: dict, out: Path, root: Path, base_path: str, control: P
             The trained dual control.
         maps (`dict`):
             `{"source/train": folder, "target/train": folder}` of the uncertainty stage outputs.
+        stages (`list[Stage]`, *optional*):
+            The workflow's stages: their wall times and throughputs become the report's last table.
     """
     from .models import UncertaintyControlNetModel
     from .pipelines import StableDiffusionDualControlPipeline
@@ -204,5 +263,29 @@ def write_report(config: dict, out: Path, root: Path, base_path: str, control: P
         "![generated samples](grid.png)",
         "",
     ]
+    from .workflow import refinement_variant
+
+    rounds = config.get("refine_rounds", 1)
+    if rounds > 1:
+        lines += [
+            "## Iterative refinement",
+            "",
+            "Each round re-estimates the uncertainty maps with the previous round's "
+            f"`{refinement_variant(config)}` segmenter, fine-tunes the control on "
+            "them, regenerates the synthetic data and retrains the synthetic variants (%).",
+            "",
+            refinement_table(out, config.get("variants") or {}, rounds),
+            "",
+        ]
+    if stages:
+        lines += [
+            "## Stage times",
+            "",
+            "Wall time of each stage as it ran (a stage skipped as complete keeps its earlier time); steady-state "
+            "training throughput after warm-up, where the stage trains.",
+            "",
+            stage_times_table(stages),
+            "",
+        ]
     write_text_atomic(report_dir / "report.md", "\n".join(lines))
     return report_dir / "report.md"

@@ -1,8 +1,10 @@
 """The whole workflow as one command: base model -> source segmenter -> uncertainty maps -> dual control ->
 synthetic data -> segmenters on source + synthetic -> evaluation -> report.
 
-Every stage is one of the example scripts, run with `accelerate launch` exactly as a user would run it, with its
-flags taken from one YAML config (each stage's `args:` mapping is passed through as `--key value` flags). A stage
+Every stage is one of the example scripts, with its flags taken from one YAML config (each stage's `args:` mapping
+is passed through as `--key value` flags). With one process (`launch.args`) a stage runs in the workflow's own
+process (the script's `main(parse_args(flags))`, CUDA and the libraries initialised once for all stages); otherwise
+it runs with `accelerate launch` exactly as a user would run it (`launch.in_process: false` forces that). A stage
 that finished writes `.stage_complete.json` (its command) into its output folder; a later run skips it. A failed
 stage leaves no such marker and runs again. The final report is markdown with the metrics table read back from
 the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty maps and generated images.
@@ -10,7 +12,6 @@ the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty 
 
 import copy
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,14 +21,15 @@ from typing import Callable
 
 import yaml
 
-from .atomic import write_json_atomic
+from .atomic import write_json_atomic, write_text_atomic
+from .stage_runner import run_in_process, run_subprocess, single_process_environment
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MARKER = ".stage_complete.json"
 CONFIG_SECTIONS = {
     "output_dir", "data", "launch", "base", "segmenter", "variants", "uncertainty", "control", "generate",
-    "evaluate", "report", "smoke", "seed",
+    "evaluate", "report", "scales", "seed", "refine_rounds", "refine",
 }
 
 
@@ -87,7 +89,12 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_config(path: str | os.PathLike | None = None, smoke: bool = False, overrides: dict | None = None) -> dict:
+def load_config(
+    path: str | os.PathLike | None = None,
+    smoke: bool = False,
+    overrides: dict | None = None,
+    scale: str | None = None,
+) -> dict:
     r"""
     Read a workflow config.
 
@@ -97,10 +104,13 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
             `camvid_daydusk`). `None` takes the embedded default (`diffusers_uncertainty/configs/toy_oct.yaml`: the
             procedurally generated two-domain OCT-like data, tiny models, CPU).
         smoke (`bool`, defaults to `False`):
-            Apply the config's `smoke:` section on top (a scale that finishes on a small CPU machine).
+            Short for `scale="smoke"` (a scale that finishes on a small CPU machine).
         overrides (`dict`, *optional*):
             Applied last, e.g. `{"output_dir": "runs/x"}` or `{"data": {"root": "data/camvid_daydusk"}}` (what
             `--output_dir` and `--data_root` do).
+        scale (`str`, *optional*):
+            A named scale from the config's `scales:` section (e.g. `smoke`, `gpu`), merged over the rest of the
+            config before `overrides`.
 
     Returns:
         `dict`: the merged config; a relative `data.root` is resolved against the working directory, like
@@ -125,10 +135,16 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
     unknown = sorted(set(config) - CONFIG_SECTIONS)
     if unknown:
         raise ValueError(f"Unknown config sections {unknown}; expected some of {sorted(CONFIG_SECTIONS)}.")
+    scales = config.pop("scales", None) or {}
     if smoke:
-        config = _deep_merge(config, config.get("smoke") or {})
+        if scale not in (None, "smoke"):
+            raise ValueError(f"`smoke` is short for `scale='smoke'`; it cannot be combined with `scale={scale!r}`.")
+        scale = "smoke"
+    if scale is not None:
+        if scale not in scales:
+            raise ValueError(f"`--scale` must name one of the config's scales {sorted(scales)}, but got {scale!r}.")
+        config = _deep_merge(config, scales[scale] or {})
     config = _deep_merge(config, overrides or {})
-    config.pop("smoke", None)
 
     data = config.setdefault("data", {})
     for key in ("num_classes", "resolution"):
@@ -150,6 +166,9 @@ def load_config(path: str | os.PathLike | None = None, smoke: bool = False, over
                 f"{', '.join(DATA_ROOT_FOLDERS)}, but has no {', '.join(missing)}."
             )
         data["root"] = str(root)
+    in_process = (config.get("launch") or {}).get("in_process", "auto")
+    if in_process not in ("auto", True, False):
+        raise ValueError(f"`launch.in_process` must be 'auto', true or false, but got {in_process!r}.")
     if not config.get("output_dir"):
         raise ValueError("`output_dir` must be set in the config (or with `--output_dir`).")
     return config
@@ -242,10 +261,14 @@ class Stage:
     args: dict = field(default_factory=dict)
     function: Callable | None = None
 
+    @property
+    def script_path(self) -> Path:
+        """The example script's file (the checkout's `examples/` or the installed wheel's copy)."""
+        return example_script_path(self.script)
+
     def command(self, launch_args: list[str]) -> list[str]:
-        """The `accelerate launch` command line of a script stage."""
-        script = example_script_path(self.script)
-        return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(script), *to_flags(self.args)]
+        """The `accelerate launch` command line of a script stage (what runs it, or its in-process equivalent)."""
+        return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(self.script_path), *to_flags(self.args)]
 
     def is_complete(self) -> bool:
         return (self.output / MARKER).is_file()
@@ -381,16 +404,110 @@ def plan(config: dict) -> list[Stage]:
                 )
             )
 
+    stages += refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
+                                uncertainty_args, control_args, generate_args, evaluate_args)
+
     from .report import write_report
 
     stages.append(
-        Stage("report", out / "report", function=lambda: write_report(config, out, root, base_path, control, maps))
+        Stage("report", out / "report",
+              function=lambda: write_report(config, out, root, base_path, control, maps, stages=stages))
     )
     return stages
 
 
-def _run_stage(stage: Stage, launch_args: list[str]) -> float:
-    """Run one stage, its output streamed into `<output>.log`; raise with the log's tail if it fails."""
+def refinement_variant(config: dict) -> str | None:
+    r"""
+    The variant whose segmenter re-estimates the uncertainty maps in the next refinement round: `refine.segmenter`,
+    or by default the last variant trained on synthetic data. `None` when the config has no refinement rounds.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+    """
+    rounds = config.get("refine_rounds", 1)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"`refine_rounds` must be a positive integer, but got {rounds!r}.")
+    if rounds == 1:
+        return None
+    variants = config.get("variants") or {}
+    synthetic = [name for name, variant in variants.items() if (variant or {}).get("synthetic")]
+    name = (config.get("refine") or {}).get("segmenter") or (synthetic[-1] if synthetic else None)
+    if name not in synthetic:
+        raise ValueError(
+            f"`refine.segmenter` must name a variant trained on synthetic data ({synthetic}), but got {name!r}; "
+            "refinement rounds regenerate the synthetic data, so only those variants are retrained."
+        )
+    return name
+
+
+def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
+                      uncertainty_args, control_args, generate_args, evaluate_args) -> list[Stage]:
+    r"""
+    The stages of refinement rounds 2 .. `refine_rounds` (round 1 is the workflow itself). Round `r` writes
+    `<output_dir>/rounds/round_<r>/`: the previous round's segmenter (`refine.segmenter`) re-estimates the uncertainty
+    maps of `source/train` and `target/train`, the previous round's control is fine-tuned on them (the control's args,
+    then `refine.control.args`, e.g. fewer steps), the synthetic data is regenerated with the new control and the
+    new target maps (generation seed offset by the round), and every synthetic variant is retrained from scratch
+    on it and evaluated. Variants without synthetic data do not change between rounds and are not repeated.
+    """
+    name = refinement_variant(config)
+    if name is None:
+        return []
+    data, seed = config["data"], config.get("seed", 0)
+    refine = config.get("refine") or {}
+    stages = []
+    previous_segmenter, previous_control = out / "segmenters" / name, control
+    for round_index in range(2, config["refine_rounds"] + 1):
+        folder = out / "rounds" / f"round_{round_index}"
+        prefix = f"round_{round_index}:"
+        maps = {}
+        for split in ("source/train", "target/train"):
+            split_name = split.replace("/", "_")
+            maps[split] = folder / "uncertainty" / split_name
+            stages.append(Stage(f"{prefix}uncertainty:{split_name}", maps[split], "compute_uncertainty.py",
+                                {"model": previous_segmenter, "data_dir": root / split,
+                                 "resolution": data["resolution"], "output_dir": maps[split], **uncertainty_args}))
+        round_control = folder / "control"
+        stages.append(Stage(
+            f"{prefix}control", round_control, "train_uncertainty_controlnet.py",
+            {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": previous_control,
+             "train_data_dir": root / "source" / "train", "uncertainty_dir": maps["source/train"] / "maps",
+             "unlabeled_data_dir": unlabeled_dir, "unlabeled_uncertainty_dir": maps["target/train"] / "maps",
+             "output_dir": round_control, "seed": seed, **common, **control_args,
+             **((refine.get("control") or {}).get("args") or {})}))
+        synthetic = folder / "synthetic"
+        stages.append(Stage(
+            f"{prefix}generate", synthetic, "generate_synthetic_dataset.py",
+            {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": round_control,
+             "label_dir": root / "source" / "train" / "labels", "uncertainty_bank": maps["target/train"] / "maps",
+             "resolution": data["resolution"], "output_dir": synthetic, **generate_args,
+             "seed": seed + 1000 * (round_index - 1)}))
+        for variant_name, variant in variants.items():
+            variant = dict(variant or {})
+            if not variant.pop("synthetic", False):
+                continue
+            variant["synthetic_data_dir"] = synthetic
+            segmenter_folder = folder / "segmenters" / variant_name
+            stages.append(Stage(
+                f"{prefix}segmenter:{variant_name}", segmenter_folder, "train_segmentation.py",
+                {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
+                 "output_dir": segmenter_folder, "seed": seed, **common,
+                 **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}))
+            for split in ("target/val", "source/val"):
+                evaluation = folder / "evaluation" / variant_name / split.replace("/", "_")
+                stages.append(Stage(
+                    f"{prefix}evaluate:{variant_name}:{split.replace('/', '_')}", evaluation,
+                    "evaluate_segmentation.py",
+                    {"model": segmenter_folder, "data_dir": root / split, "resolution": data["resolution"],
+                     "output_dir": evaluation, **evaluate_args}))
+        previous_segmenter, previous_control = folder / "segmenters" / name, round_control
+    return stages
+
+
+def _run_stage(stage: Stage, launch_args: list[str], environment: dict | None) -> float:
+    """Run one stage, its output written to `<output>.log`; raise with the log's tail if it fails. With an
+    `environment` (see [`stage_runner.single_process_environment`]) a script stage runs in this process."""
     start = time.perf_counter()
     if stage.function is not None:
         stage.function()
@@ -399,21 +516,54 @@ def _run_stage(stage: Stage, launch_args: list[str]) -> float:
         command = stage.command(launch_args)
         log_path = stage.output.parent / f"{stage.output.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "w") as log:
-            log.write(" ".join(command) + "\n\n")
-            log.flush()
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if result.returncode != 0:
+        how = "in the workflow's process" if environment is not None else "with accelerate launch"
+        write_text_atomic(log_path, " ".join(command) + f"\n(run {how})\n\n")
+        if environment is not None:
+            try:
+                run_in_process(stage.script_path, to_flags(stage.args), environment, log_path)
+                error = None
+            except RuntimeError as failure:
+                error = str(failure)
+        else:
+            returncode = run_subprocess(command, log_path)
+            error = None if returncode == 0 else f"exit {returncode}"
+        if error is not None:
             tail = "".join(open(log_path).readlines()[-40:])
             raise RuntimeError(
-                f"Stage {stage.name!r} failed (exit {result.returncode}). Command:\n  {' '.join(command)}\n"
+                f"Stage {stage.name!r} failed ({error}). Command:\n  {' '.join(command)}\n"
                 f"Last lines of {log_path}:\n{tail}"
             )
     stage.output.mkdir(parents=True, exist_ok=True)
     marker = {"stage": stage.name, "command": command, "seconds": round(time.perf_counter() - start, 1)}
     write_json_atomic(stage.output / MARKER, marker)
     return marker["seconds"]
+
+
+def stage_environment(config: dict) -> dict | None:
+    r"""
+    The environment in which the workflow runs script stages in its own process, or `None` when each runs through
+    `accelerate launch`.
+
+    `launch.in_process` (`auto`, the default, `true` or `false`) decides: `auto` runs stages in-process whenever
+    `launch.args` asks for one local process; `false` always uses `accelerate launch` (a fresh process per stage);
+    `true` insists on in-process runs and is refused for a multi-process launch.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+    """
+    launch = config.get("launch") or {}
+    mode = launch.get("in_process", "auto")
+    if mode is False:
+        return None
+    launch_args = [str(arg) for arg in launch.get("args", ["--num_processes", "1"])]
+    environment = single_process_environment(launch_args, example_script_path("train_segmentation.py"))
+    if environment is None and mode is True:
+        raise ValueError(
+            f"`launch.in_process: true` needs a single local process, but `launch.args` {launch_args} asks "
+            "`accelerate launch` for several processes or a distributed launcher; set `launch.in_process: auto`."
+        )
+    return environment
 
 
 def run_workflow(config: dict, only: list[str] | None = None, force: bool = False, echo: Callable = print) -> Path:
@@ -435,6 +585,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
     """
     stages = plan(config)
     launch_args = [str(arg) for arg in (config.get("launch") or {}).get("args", ["--num_processes", "1"])]
+    environment = stage_environment(config)
     total_start = time.perf_counter()
     for index, stage in enumerate(stages, start=1):
         label = f"[{index:2d}/{len(stages)}] {stage.name:<34}"
@@ -444,7 +595,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
             echo(f"{label} skipped (complete: {stage.output})")
             continue
         echo(f"{label} running ...")
-        seconds = _run_stage(stage, launch_args)
+        seconds = _run_stage(stage, launch_args, environment)
         echo(f"{label} done in {seconds:.0f} s")
     echo(f"Workflow finished in {time.perf_counter() - total_start:.0f} s.")
     return Path(config["output_dir"]).resolve() / "report" / "report.md"

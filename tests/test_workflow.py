@@ -103,6 +103,9 @@ def test_the_whole_workflow_on_the_embedded_default(tmp_path):
         assert float(row.group(2)) == round(100 * metrics["mDice"], 1)
     synthetic = tmp_path / "run" / "synthetic"
     assert (synthetic / MARKER).is_file()
+    # The stage-time table: one row per stage that ran before the report, with its marker's wall time.
+    seconds = json.loads((tmp_path / "run" / "control" / MARKER).read_text())["seconds"]
+    assert "## Stage times" in text and f"| control | {seconds:.1f} |" in text
 
     # A second run finds every stage complete and runs nothing.
     again = []
@@ -171,3 +174,123 @@ def test_the_workflow_runs_with_the_latent_diffusion_segmenter(tmp_path):
     assert scores["num_images"] == 8  # the uncertainty maps the control is trained on
     metrics = json.loads((tmp_path / "run" / "evaluation" / "source_only" / "target_val" / "metrics.json").read_text())
     assert 0.0 <= metrics["mIoU"] <= 1.0
+
+
+def _numbers(path):
+    """The numeric entries of a metrics file (paths differ between two output folders)."""
+    def is_path(value):
+        return isinstance(value, str) or isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    return {key: value for key, value in json.loads(path.read_text()).items() if not is_path(value)}
+
+
+def test_in_process_stages_give_the_same_results_and_markers_as_accelerate_launch(tmp_path):
+    variants = {"source_only": {}, "synthetic_flexseg": {"synthetic": True, "synthetic_ratio": 0.5, "flexseg": True}}
+    runs = {}
+    for mode in (True, False):
+        out = tmp_path / ("in_process" if mode else "launched")
+        config = load_config(None, smoke=True, overrides={"output_dir": str(out), "launch": {"in_process": mode}})
+        config["variants"] = variants
+        lines = []
+        run_workflow(config, only=["data", "base", "segmenter", "uncertainty", "control", "generate", "evaluate"],
+                     echo=lines.append)
+        runs[mode] = out
+        first_log = (out / "segmenters" / "source_only.log").read_text().splitlines()[1]
+        assert first_log == ("(run in the workflow's process)" if mode else "(run with accelerate launch)")
+
+    inside, launched = runs[True], runs[False]
+    evaluations = sorted(path.relative_to(inside) for path in inside.glob("evaluation/*/*/metrics.json"))
+    assert len(evaluations) == 4
+    for relative in evaluations:
+        assert _numbers(inside / relative) == _numbers(launched / relative), relative
+    scores = "uncertainty/target_train/scores.json"
+    assert _numbers(inside / scores) == _numbers(launched / scores)
+    for marker in inside.glob(f"**/{MARKER}"):
+        ours, theirs = (json.loads(path.read_text()) for path in (marker, launched / marker.relative_to(inside)))
+        assert set(ours) == set(theirs) and ours["stage"] == theirs["stage"]
+        assert ours["command"] == (None if theirs["command"] is None else
+                                   [part.replace(str(launched), str(inside)) for part in theirs["command"]])
+
+
+def test_in_process_stage_failure_raises_with_the_log_and_leaves_logging_as_it_was(tmp_path):
+    import logging
+
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": True},
+                                                      "segmenter": {"args": {"max_train_steps": -3}}})
+    handlers = logging.getLogger().handlers[:]
+    with pytest.raises(RuntimeError, match=r"Stage 'segmenter' failed \(ValueError: `--max_train_steps` must be positive[\s\S]*Last lines"):
+        run_workflow(config, only=["data", "segmenter"], echo=lambda line: None)
+    assert logging.getLogger().handlers == handlers
+    assert not (tmp_path / "segmenters" / "source_only" / MARKER).exists()
+
+
+def test_in_process_is_refused_for_several_processes(tmp_path):
+    from diffusers_uncertainty.workflow import stage_environment
+
+    two = {"launch": {"args": ["--num_processes", "2", "--cpu"], "in_process": True}}
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), **two})
+    with pytest.raises(ValueError, match=r"`launch.in_process: true` needs a single local process"):
+        stage_environment(config)
+    config["launch"]["in_process"] = "auto"
+    assert stage_environment(config) is None  # several processes: accelerate launch
+    config["launch"] = {"args": ["--num_processes", "1", "--mixed_precision", "bf16"]}
+    assert stage_environment(config)["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    with pytest.raises(ValueError, match="`launch.in_process` must be 'auto', true or false, but got 'yes'"):
+        load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": "yes"}})
+
+
+def test_named_scales(tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "configs" / "camvid_daydusk.yaml"
+    for folder in ("source/train", "source/val", "target/train", "target/val"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    data = {"data": {"root": str(tmp_path / "data")}}
+    gpu = load_config(path, scale="gpu", overrides={"output_dir": str(tmp_path), **data})
+    assert gpu["data"]["resolution"] == 128 and gpu["launch"]["args"][-1] == "bf16" and "scales" not in gpu
+    assert load_config(path, smoke=True, overrides={"output_dir": "x", **data}) == load_config(
+        path, scale="smoke", overrides={"output_dir": "x", **data}
+    )
+    with pytest.raises(ValueError, match=r"`--scale` must name one of the config's scales \['gpu', 'smoke'\], but got 'tpu'"):
+        load_config(path, scale="tpu", overrides={"output_dir": "x", **data})
+
+
+def test_refinement_rounds_read_the_previous_round_and_rerun_skips_them(tmp_path):
+    variants = {"source_only": {}, "synthetic": {"synthetic": True, "synthetic_ratio": 0.5},
+                "synthetic_flexseg": {"synthetic": True, "synthetic_ratio": 0.5, "flexseg": True}}
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "refine_rounds": 3,
+                                                      "refine": {"segmenter": "synthetic",
+                                                                 "control": {"args": {"max_train_steps": 2}}}})
+    config["variants"] = variants
+    stages = {stage.name: stage for stage in plan(config)}
+    for round_index, previous in ((2, tmp_path / "segmenters"), (3, tmp_path / "rounds" / "round_2" / "segmenters")):
+        folder = tmp_path / "rounds" / f"round_{round_index}"
+        uncertainty = stages[f"round_{round_index}:uncertainty:target_train"]
+        assert uncertainty.args["model"] == previous / "synthetic" and uncertainty.output == folder / "uncertainty" / "target_train"
+        control = stages[f"round_{round_index}:control"].args
+        assert control["controlnet_model_name_or_path"] == (tmp_path / "control" if round_index == 2 else
+                                                             tmp_path / "rounds" / "round_2" / "control")
+        assert control["unlabeled_uncertainty_dir"] == folder / "uncertainty" / "target_train" / "maps"
+        assert control["max_train_steps"] == 2
+        generate = stages[f"round_{round_index}:generate"].args
+        assert generate["controlnet_model_name_or_path"] == folder / "control" and generate["seed"] != 0
+        assert stages[f"round_{round_index}:segmenter:synthetic_flexseg"].args["synthetic_data_dir"] == folder / "synthetic"
+        assert f"round_{round_index}:segmenter:source_only" not in stages  # no synthetic data: unchanged by rounds
+
+    config["refine_rounds"] = 2
+    report = run_workflow(config, echo=lambda line: None)
+    text = report.read_text()
+    assert "## Iterative refinement" in text
+    metrics = json.loads((tmp_path / "rounds" / "round_2" / "evaluation" / "synthetic" / "target_val" /
+                          "metrics.json").read_text())
+    assert f"| synthetic | 2 | {100 * metrics['mIoU']:.1f} |" in text
+    assert json.loads((tmp_path / "rounds" / "round_2" / "uncertainty" / "target_train" / "scores.json").read_text()
+                      )["models"] == [str(tmp_path / "segmenters" / "synthetic")]
+    again = []
+    run_workflow(config, echo=again.append)
+    assert all("skipped" in line for line in again if line.startswith("[")) and len(again) == len(plan(config)) + 1
+
+    with pytest.raises(ValueError, match=r"`refine.segmenter` must name a variant trained on synthetic data"):
+        plan(dict(config, refine={"segmenter": "source_only"}))
+    with pytest.raises(ValueError, match="`refine_rounds` must be a positive integer, but got 0"):
+        plan(dict(config, refine_rounds=0))

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from this checkout
 
 from diffusers_uncertainty.stage_runner import run_in_process, run_subprocess, single_process_environment  # noqa: E402
-from diffusers_uncertainty.workflow import EXAMPLES_DIR, load_config, run_workflow, to_flags  # noqa: E402
+from diffusers_uncertainty.workflow import example_script_path, load_config, run_workflow, to_flags  # noqa: E402
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "camvid_daydusk.yaml"
@@ -86,10 +86,10 @@ def run_script(script: str, flags: dict, device: str, log: Path, in_process: boo
     log.write_text("")
     start = time.perf_counter()
     if in_process:
-        environment = single_process_environment(launch_args(device), EXAMPLES_DIR / script)
-        run_in_process(EXAMPLES_DIR / script, to_flags(flags), environment, log)
+        environment = single_process_environment(launch_args(device), example_script_path(script))
+        run_in_process(example_script_path(script), to_flags(flags), environment, log)
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args(device), str(EXAMPLES_DIR / script),
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args(device), str(example_script_path(script)),
                    *to_flags(flags)]
         if run_subprocess(command, log) != 0:
             raise RuntimeError(f"{script} failed; see {log}")

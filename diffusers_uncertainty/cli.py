@@ -15,18 +15,33 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command")
 
     run = subcommands.add_parser("run", help="Run the workflow (stages already complete are skipped).")
-    run.add_argument("--config", default=None, help="YAML config; default: the embedded toy OCT example.")
+    run.add_argument(
+        "--config",
+        default=None,
+        help="YAML file, or the name of a config shipped with the package (camvid_daydusk, toy_oct); default: toy_oct.",
+    )
     run.add_argument("--scale", default=None, help="A named scale of the config's `scales:` section (e.g. gpu, smoke).")
     run.add_argument("--smoke", action="store_true", help="Short for `--scale smoke` (a small CPU machine).")
     run.add_argument("--output_dir", default=None, help="Overrides the config's output_dir.")
+    run.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
     run.add_argument("--only", nargs="+", default=None, help="Run only stages whose name starts with these.")
     run.add_argument("--force", action="store_true", help="Re-run stages even when complete.")
 
     stages = subcommands.add_parser("stages", help="List the stages and commands a config would run.")
-    stages.add_argument("--config", default=None)
+    stages.add_argument("--config", default=None, help="As for `run`.")
     stages.add_argument("--scale", default=None)
     stages.add_argument("--smoke", action="store_true")
     stages.add_argument("--output_dir", default=None)
+    stages.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
+
+    prepare = subcommands.add_parser("prepare", help="Build a dataset from its public source in the package's layout.")
+    dataset_parsers = prepare.add_subparsers(dest="dataset", required=True)
+    camvid = dataset_parsers.add_parser(
+        "camvid-daydusk",
+        help="CamVid day -> dusk from the SegNet tutorial's CamVid/ folder (240x180, 11 classes + void).",
+    )
+    camvid.add_argument("--camvid_dir", required=True, help="The CamVid/ folder: train/, trainannot/, val/, ...")
+    camvid.add_argument("--output_dir", required=True, help="Where the dataset goes (empty or new folder).")
 
     toy = subcommands.add_parser("make-toy-data", help="Write the embedded two-domain OCT-like dataset to a folder.")
     toy.add_argument("root", help="Output folder (must be empty or absent).")
@@ -43,13 +58,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from .workflow import load_config, plan, run_workflow
 
+    if args.command == "prepare":
+        from .prepare import prepare_camvid_daydusk
+
+        result = prepare_camvid_daydusk(args.camvid_dir, args.output_dir)
+        counts = ", ".join(f"{split} {count}" for split, count in result["splits"].items())
+        print(f"Wrote CamVid day -> dusk to {result['output_dir']} ({counts}).")
+        return 0
     if args.command == "make-toy-data":
         from .toy_oct import make_oct_dataset
 
         make_oct_dataset(args.root, seed=args.seed)
         print(f"Wrote the toy OCT dataset to {args.root}")
         return 0
-    overrides = {"output_dir": args.output_dir} if args.output_dir else None
+    overrides = {}
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.data_root:
+        overrides["data"] = {"root": args.data_root}
     config = load_config(args.config, smoke=args.smoke, overrides=overrides, scale=args.scale)
     if args.command == "stages":
         for stage in plan(config):

@@ -25,12 +25,58 @@ from .atomic import write_json_atomic, write_text_atomic
 from .stage_runner import run_in_process, run_subprocess, single_process_environment
 
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+PACKAGE_DIR = Path(__file__).resolve().parent
 MARKER = ".stage_complete.json"
 CONFIG_SECTIONS = {
     "output_dir", "data", "launch", "base", "segmenter", "variants", "uncertainty", "control", "generate",
     "evaluate", "report", "scales", "seed", "refine_rounds", "refine",
 }
+
+
+def _examples_dir() -> Path:
+    # An installed wheel carries the repository's `examples/` as `diffusers_uncertainty/examples/` (pyproject.toml
+    # maps the folder into the package); a checkout (editable install, or the package on PYTHONPATH) has it beside
+    # the package. Only the first folder that exists is used, so a wheel never reads an unrelated `examples/`.
+    for folder in (PACKAGE_DIR / "examples", PACKAGE_DIR.parent / "examples"):
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"The workflow's example scripts are missing: neither {PACKAGE_DIR / 'examples'} nor "
+        f"{PACKAGE_DIR.parent / 'examples'} exists; reinstall diffusers-uncertainty."
+    )
+
+
+def example_script_path(name: str) -> Path:
+    r"""
+    The path of one of the workflow's example scripts, e.g. `"train_segmentation.py"`: the repository's
+    `examples/` folder in a checkout, the same files inside the package when installed from a wheel.
+
+    Args:
+        name (`str`):
+            The script's file name.
+
+    Returns:
+        `Path`: an existing file.
+    """
+    folder = _examples_dir()
+    path = folder / name
+    if not name.endswith(".py") or path.parent != folder or not path.is_file():
+        scripts = sorted(script.name for script in folder.glob("*.py"))
+        raise ValueError(f"`name` must be one of the example scripts {scripts}, but got {name!r}.")
+    return path
+
+
+def shipped_configs() -> dict[str, Path]:
+    r"""
+    The workflow configs that come with the package, by name: the embedded default (`toy_oct`) and those of
+    `examples/configs/` (e.g. `camvid_daydusk`). `--config NAME` takes one of them.
+    """
+    folders = (PACKAGE_DIR / "configs", _examples_dir() / "configs")
+    return {path.stem: path for folder in folders for path in sorted(folder.glob("*.yaml"))}
+
+
+# The folders `plan` reads under `data.root`.
+DATA_ROOT_FOLDERS = ("source/train", "source/val", "target/train", "target/val")
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -54,28 +100,35 @@ def load_config(
 
     Args:
         path (`str` or `os.PathLike`, *optional*):
-            A YAML file. `None` takes the embedded default (`diffusers_uncertainty/configs/toy_oct.yaml`: the
+            A YAML file, or the name of a config shipped with the package (see [`shipped_configs`], e.g.
+            `camvid_daydusk`). `None` takes the embedded default (`diffusers_uncertainty/configs/toy_oct.yaml`: the
             procedurally generated two-domain OCT-like data, tiny models, CPU).
         smoke (`bool`, defaults to `False`):
             Short for `scale="smoke"` (a scale that finishes on a small CPU machine).
         overrides (`dict`, *optional*):
-            Applied last, e.g. `{"output_dir": "runs/x"}`.
+            Applied last, e.g. `{"output_dir": "runs/x"}` or `{"data": {"root": "data/camvid_daydusk"}}` (what
+            `--output_dir` and `--data_root` do).
         scale (`str`, *optional*):
             A named scale from the config's `scales:` section (e.g. `smoke`, `gpu`), merged over the rest of the
             config before `overrides`.
 
     Returns:
-        `dict`: the merged config; relative data paths are resolved against the config file's folder.
+        `dict`: the merged config; a relative `data.root` is resolved against the working directory, like
+        `output_dir`, and must hold `source/train`, `source/val`, `target/train` and `target/val`.
     """
     if path is None:
         text = resources.files("diffusers_uncertainty").joinpath("configs/toy_oct.yaml").read_text()
-        base_dir = Path.cwd()
     else:
+        if not Path(path).is_file():
+            shipped = shipped_configs()
+            if str(path) not in shipped:
+                raise ValueError(
+                    f"`--config` must be a YAML file or the name of a config shipped with the package "
+                    f"{sorted(shipped)}, but {str(path)!r} does not exist."
+                )
+            path = shipped[str(path)]
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"`--config` must be a YAML file, but {str(path)!r} does not exist.")
         text = path.read_text()
-        base_dir = path.resolve().parent
     config = yaml.safe_load(text) or {}
     if not isinstance(config, dict):
         raise ValueError(f"The config must be a YAML mapping, but got {type(config).__name__}.")
@@ -100,8 +153,19 @@ def load_config(
     if data["resolution"] % 8 != 0:
         raise ValueError(f"`data.resolution` must be divisible by 8, but got {data['resolution']}.")
     if data.get("root") is not None:
-        root = Path(data["root"])
-        data["root"] = str(root if root.is_absolute() else (base_dir / root).resolve())
+        root = Path(data["root"]).resolve()
+        if not root.is_dir():
+            raise ValueError(
+                f"The data folder {str(root)!r} (`--data_root`, or `data.root` in the config) does not exist. Pass "
+                "`--data_root DIR`; CamVid day -> dusk is built by `diffusers-uncertainty prepare camvid-daydusk`."
+            )
+        missing = [folder for folder in DATA_ROOT_FOLDERS if not (root / folder).is_dir()]
+        if missing:
+            raise ValueError(
+                f"The data folder {str(root)!r} (`--data_root`, or `data.root` in the config) must hold "
+                f"{', '.join(DATA_ROOT_FOLDERS)}, but has no {', '.join(missing)}."
+            )
+        data["root"] = str(root)
     in_process = (config.get("launch") or {}).get("in_process", "auto")
     if in_process not in ("auto", True, False):
         raise ValueError(f"`launch.in_process` must be 'auto', true or false, but got {in_process!r}.")
@@ -203,8 +267,8 @@ class Stage:
 
     @property
     def script_path(self) -> Path:
-        """The example script's file."""
-        return EXAMPLES_DIR / self.script
+        """The example script's file (the checkout's `examples/` or the installed wheel's copy)."""
+        return example_script_path(self.script)
 
     def command(self, launch_args: list[str]) -> list[str]:
         """The `accelerate launch` command line of a script stage (what runs it, or its in-process equivalent)."""
@@ -497,7 +561,7 @@ def stage_environment(config: dict) -> dict | None:
     if mode is False:
         return None
     launch_args = [str(arg) for arg in launch.get("args", ["--num_processes", "1"])]
-    environment = single_process_environment(launch_args, EXAMPLES_DIR / "train_segmentation.py")
+    environment = single_process_environment(launch_args, example_script_path("train_segmentation.py"))
     if environment is None and mode is True:
         raise ValueError(
             f"`launch.in_process: true` needs a single local process, but `launch.args` {launch_args} asks "

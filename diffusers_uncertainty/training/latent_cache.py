@@ -6,8 +6,8 @@ DataLoader workers. [`LatentCache`] decodes every record once, resizes it as [`P
 to the resolution), encodes the whole resized image (and its mirror image when flipping is on) and keeps the VAE's
 latent *distribution* (`latent_dist.parameters`: mean and log-variance), the label maps and the uncertainty maps as
 tensors on the training device. A batch is then a few indexing operations there: random crops at multiples of the
-VAE factor in latent space (the pixel crop of the label and uncertainty maps is the same window, 8 x larger for
-factor 8), flips, and the caption choice, all drawn from a device generator seeded per batch (no host sync, and a
+VAE factor in latent space (the pixel crop of the label and uncertainty maps is the same window, `factor` x
+larger), flips, and the caption choice, all drawn from a device generator seeded per batch (no host sync, and a
 resumed run draws the same batches). [`sample_latents`] samples the latent with the step's random numbers, exactly
 as `vae.encode(pixels).latent_dist.sample()` does on the streaming path. [`PromptEmbeddingCache`] runs the frozen
 text encoder once per distinct prompt.
@@ -23,7 +23,7 @@ self-attention mixes the whole image, so every latent of the window differs some
 (for a training target, a crop of the latents of the full image is if anything the better one). Crops also move on
 a grid: offsets are multiples of the VAE factor (on the streaming path any pixel), the resized image is first
 trimmed (centred) to a multiple of the factor, and a centre crop is the centred latent window. Label and uncertainty
-maps are the same arrays [`PairedTransform`] produces, cropped at 8 x the latent offset (exactly equal for the same
+maps are the same arrays [`PairedTransform`] produces, cropped at `factor` x the latent offset (exactly equal for the same
 pixel window and flip).
 """
 
@@ -524,7 +524,8 @@ class LatentCache:
         r"""
         The batch of samples `indices` cut at latent offsets `(top, left)` (the pixel window of the maps is at
         `vae_factor` x these, in the trimmed resized image), mirrored where `flip` (as a pixel crop flipped
-        afterwards), with captions `prompt_ids`.
+        afterwards; only a cache built with `random_flip` holds the mirror images' latents), with captions
+        `prompt_ids`. Offsets must leave the window inside each sample (`0 <= top <= h - r`, `0 <= left <= w - r`).
 
         Returns:
             `dict`: `latent_parameters` `(B, 2C, r, r)` float32 (r = resolution / factor), `prompt_ids` `(B,)`,

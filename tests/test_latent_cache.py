@@ -13,7 +13,14 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_uncertainty import build_tiny_components
-from diffusers_uncertainty.training import ControlNetTrainingDataset, PairedTransform, collate_fn
+from diffusers_uncertainty.training import (
+    ControlNetTrainingDataset,
+    PairedTransform,
+    collate_fn,
+    load_image,
+    load_label,
+    load_uncertainty,
+)
 from diffusers_uncertainty.training.latent_cache import (
     DeviceBatchSampler,
     LatentCache,
@@ -102,8 +109,6 @@ def test_cached_loss_equals_the_streamed_loss_for_the_same_noise_and_a_whole_ima
     items = []
     for index in indices.tolist():
         record = dataset.labeled_records[index] if index < 2 else dataset.unlabeled_records[index - 2]
-        from diffusers_uncertainty.training import load_image, load_label, load_uncertainty
-
         sample = dataset.transform(
             load_image(record["image"]), load_label(record["label"]) if record["label"] is not None else None,
             load_uncertainty(record["uncertainty"]), rng=_FixedRng(0, 0, flip),
@@ -157,8 +162,6 @@ def test_latent_crops_and_map_crops_stay_aligned_and_flip_as_a_pixel_crop_does(c
     cache = _cache(components, records, 16, prompt_cache)
     assert cache.latent_sizes.tolist() == [[8, 20], [8, 20]] and cache.trims == [(0, 0), (0, 0)]
     transform = PairedTransform(16, random_flip=True)
-    from diffusers_uncertainty.training import load_image, load_label, load_uncertainty
-
     record = records[0]
     for left, flip in ((0, False), (3, True), (12, False), (12, True)):
         batch = cache.crop(

@@ -4,6 +4,7 @@ data folder is present)."""
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -247,8 +248,6 @@ def test_device_placement_resumes_mixed_batches_exactly_and_stream_placement_sti
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    import shutil
-
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     result = run_training(
         *_base_args(workspace, resumed, *common, "--dataset_placement", "device", "--resume_from_checkpoint", "latest")

@@ -336,7 +336,8 @@ def vae_loss(
             For the posterior sample.
 
     Returns:
-        `tuple[torch.Tensor, dict]`: the loss, and its parts as floats (`reconstruction`, `kl`).
+        `tuple[torch.Tensor, dict]`: the loss, and its parts (`reconstruction`, `kl`) as detached 0-d tensors (left on
+        the device: reading them is a host sync, which a training loop does only when it logs).
     """
     if reconstruction_loss not in ("l1", "mse"):
         raise ValueError(f"`reconstruction_loss` must be 'l1' or 'mse', but got {reconstruction_loss!r}.")
@@ -349,7 +350,7 @@ def vae_loss(
         reconstruction_term = F.mse_loss(reconstruction.float(), pixel_values.float())
     kl_term = posterior.kl().mean() / posterior.mean[0].numel()
     loss = reconstruction_term + kl_weight * kl_term
-    return loss, {"reconstruction": reconstruction_term.item(), "kl": kl_term.item()}
+    return loss, {"reconstruction": reconstruction_term.detach(), "kl": kl_term.detach()}
 
 
 @torch.no_grad()

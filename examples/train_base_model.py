@@ -68,7 +68,25 @@ from diffusers_uncertainty.base_model import (
     umask,
     vae_loss,
 )
-from diffusers_uncertainty.training import DatasetRecords, select_records, unlabeled_folder_records, validate_records
+from diffusers_uncertainty.training import (
+    DatasetRecords,
+    load_image,
+    select_records,
+    unlabeled_folder_records,
+    validate_records,
+)
+from diffusers_uncertainty.training.latent_cache import (
+    DATASET_PLACEMENTS,
+    DeviceBatchSampler,
+    LatentCache,
+    PromptEmbeddingCache,
+    check_dataset_placement,
+    choose_dataset_placement,
+    estimate_cache_bytes,
+    record_captions,
+    sample_latents,
+)
+from diffusers_uncertainty.training.performance import ThroughputMeter, adamw_fused_kwargs, enable_tf32
 
 
 logger = get_logger(__name__)
@@ -196,7 +214,17 @@ def parse_args(input_args=None):
     parser.add_argument("--center_crop", action="store_true", help="Centre crop instead of random crop.")
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
     parser.add_argument("--max_train_samples", type=int, default=None, help="Keep at most this many images.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (stream).")
+    parser.add_argument(
+        "--dataset_placement",
+        type=str,
+        default="auto",
+        metavar="{" + ",".join(DATASET_PLACEMENTS) + "}",
+        help="Data of the UNet stage. stream: the DataLoader decodes and crops the images and the VAE and the text"
+        " encoder run every step. device: once the VAE is frozen, every image is encoded once (both flips) and the"
+        " latents stay on the device, cropped there; each prompt is encoded once. auto: device when that cache"
+        " takes at most a quarter of the device's memory. The VAE stage always reads the DataLoader.",
+    )
 
     # Optimisation
     parser.add_argument("--vae_train_steps", type=int, default=1000, help="Optimisation steps of the VAE stage.")
@@ -222,6 +250,15 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--adam_epsilon", type=float, default=1e-08)
     parser.add_argument("--max_grad_norm", default=1.0, type=float)
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet (in place).")
+    parser.add_argument("--channels_last", action="store_true", help="Keep the UNet in channels_last memory format.")
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log the losses every X steps (all per-step losses are kept): the only times the loop waits for the"
+        " device.",
+    )
     parser.add_argument(
         "--mixed_precision",
         type=str,
@@ -271,7 +308,8 @@ def check_args(args) -> None:
         raise ValueError("Training needs images: specify `--train_data_dir` (one or more folders) or `--dataset_name`.")
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise ValueError("Specify only one of `--train_data_dir` or `--dataset_name`, but got both.")
-    for name in ("train_batch_size", "checkpointing_steps", "num_inference_steps", "tokenizer_max_length",
+    check_dataset_placement(args.dataset_placement)
+    for name in ("train_batch_size", "checkpointing_steps", "num_inference_steps", "tokenizer_max_length", "logging_steps",
                  "text_encoder_layers", "text_encoder_heads", "norm_num_groups", "vae_layers_per_block",
                  "unet_layers_per_block", "unet_attention_head_dim", "latent_channels", "cross_attention_dim"):
         if getattr(args, name) < 1:
@@ -410,6 +448,7 @@ def main(args):
         description="training images", show_progress=accelerator.is_local_main_process,
     )
     tokenizer, text_encoder, vae, unet, noise_scheduler, built = load_or_build_models(args)
+    enable_tf32()
     train_vae = not args.skip_vae_training and args.vae_train_steps > 0
     vae_steps = args.vae_train_steps if train_vae else 0
     total_steps = vae_steps + args.unet_train_steps
@@ -429,6 +468,14 @@ def main(args):
         num_workers=args.dataloader_num_workers, drop_last=len(train_dataset) >= args.train_batch_size,
         generator=loader_generator,
     )
+    # Where the UNet stage's data lives (see --dataset_placement): the latent cache's size decides `auto`.
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    estimated_bytes = estimate_cache_bytes(
+        len(records), load_image(records[0]["image"], records[0]["name"]).size, args.resolution, vae_factor,
+        vae.config.latent_channels, args.random_flip, labels=False, uncertainty=False,
+    )
+    placement = choose_dataset_placement(args.dataset_placement, estimated_bytes, accelerator.device)
+
     # A few fixed images (centre crops) to measure the VAE's reconstruction error before and after training.
     scale_dataset = BaseModelTrainingDataset(records, args.resolution, tokenizer, center_crop=True)
     probe_indices = sorted({round(i) for i in np.linspace(0, len(scale_dataset) - 1, min(8, len(scale_dataset)))})
@@ -470,9 +517,10 @@ def main(args):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     def make_optimizer(parameters, learning_rate, steps):
+        parameters = list(parameters)
         optimizer = torch.optim.AdamW(
             parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **adamw_fused_kwargs(parameters),
         )
         lr_scheduler = get_scheduler(
             args.lr_scheduler, optimizer=optimizer,
@@ -490,6 +538,12 @@ def main(args):
                 f"The {name} was loaded as {model.dtype}; trainable weights must be float32 (mixed precision is set "
                 "with `--mixed_precision`)."
             )
+
+    # On the device before the optimizers are built, so that AdamW can be the fused one.
+    for model in (vae, unet, text_encoder):
+        model.to(accelerator.device)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
 
     # Everything trained goes through `prepare` once, so a checkpoint holds both stages.
     vae_module = VAETrainingModule(vae, args.vae_kl_weight, args.vae_reconstruction_loss)
@@ -514,6 +568,8 @@ def main(args):
     if not args.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device)  # trained in fp32 (autocast does the mixed precision); cast once frozen
+    if args.torch_compile:
+        accelerator.unwrap_model(unet).compile()  # in place: state dict keys and save hooks stay as they are
 
     if accelerator.is_main_process:
         tracker_config = {
@@ -526,6 +582,8 @@ def main(args):
     logger.info(f"  Num images = {len(train_dataset)}; batches each epoch = {len(train_dataloader)}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  VAE steps = {vae_steps}; UNet steps = {args.unet_train_steps}")
+    logger.info(f"  Dataset placement of the UNet stage = {placement} (--dataset_placement {args.dataset_placement}; "
+                f"latent cache ~{estimated_bytes / 2**20:.1f} MiB)")
     logger.info(f"  Parameters: VAE {sum(p.numel() for p in vae.parameters()):,}, "
                 f"UNet {sum(p.numel() for p in accelerator.unwrap_model(unet).parameters()):,}, "
                 f"text encoder {sum(p.numel() for p in accelerator.unwrap_model(text_encoder).parameters()):,}")
@@ -578,6 +636,31 @@ def main(args):
     )
     batch_iterator = batches(global_step)
 
+    # Per-step losses stay on the device until a logging or checkpointing step (no host sync in between); all of
+    # them reach `state` (the summary keeps every step's loss) and the trackers.
+    pending = []
+    samples_per_step = args.train_batch_size * accelerator.num_processes
+    vae_meter, unet_meter = ThroughputMeter(accelerator.device, samples_per_step), ThroughputMeter(
+        accelerator.device, samples_per_step
+    )
+    vae_throughput = None
+
+    def flush_losses(stage: str, lr: float, force: bool = False) -> None:
+        """Move the pending losses of `stage` into `state` and the trackers (a collective: every process calls it)."""
+        if not pending or not (force or global_step % args.logging_steps == 0 or global_step % args.checkpointing_steps == 0):
+            return
+        names = list(pending[0])
+        stacked = torch.stack([torch.stack([entry[name].float() for name in names]) for entry in pending])
+        values = accelerator.gather(stacked[None]).mean(0).tolist()  # (processes, steps, names) -> per step
+        first_step = global_step - len(pending) + 1
+        for offset, row in enumerate(values):
+            logs = {f"{stage}_{name}": value for name, value in zip(names, row)}
+            accelerator.log(logs, step=first_step + offset)
+        state[f"{stage}_losses"].extend(row[0] for row in values)
+        pending.clear()
+        progress_bar.set_postfix(**logs, lr=lr)
+        accelerator.log({"lr": lr}, step=global_step)
+
     # ---- Stage 1: the VAE
     if train_vae and global_step < vae_steps:
         if state["reconstruction_error_before"] is None:
@@ -593,12 +676,10 @@ def main(args):
             vae_lr_scheduler.step()
             vae_optimizer.zero_grad()
             global_step += 1
-            state["vae_losses"].append(accelerator.gather(loss.detach()[None]).mean().item())
-            logs = {"vae_loss": state["vae_losses"][-1], "vae_reconstruction": parts["reconstruction"],
-                    "vae_kl": parts["kl"], "lr": vae_lr_scheduler.get_last_lr()[0]}
+            vae_meter.step()
+            pending.append({"loss": loss.detach(), **parts})
             progress_bar.update(1)
-            progress_bar.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
+            flush_losses("vae", vae_lr_scheduler.get_last_lr()[0], force=global_step == vae_steps)
 
             if global_step == vae_steps and built:
                 # Stable Diffusion's latent scale: 1 / std of the latents, measured once the VAE is trained.
@@ -611,6 +692,7 @@ def main(args):
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                 save_checkpoint()
             accelerator.wait_for_everyone()
+        vae_throughput = vae_meter.result()  # now, before the UNet stage's time counts
         accelerator.print(
             f"VAE stage done: {vae_steps} steps, loss {loss_summary(state['vae_losses'])}, "
             f"scaling_factor {state['scaling_factor']:.4f}"
@@ -628,21 +710,52 @@ def main(args):
         vae.to(accelerator.device, dtype=weight_dtype)
 
     # ---- Stage 2: the UNet (as diffusers' train_text_to_image.py: epsilon/v target on DDPM-noised latents)
+    if placement == "device" and global_step < total_steps:
+        # The VAE is frozen from here on: encode every image once (both flips with --random_flip), in the VAE's
+        # dtype as the streaming path does, and every distinct prompt once (see latent_cache for what is exact).
+        prompts = [args.default_prompt] + [
+            caption for record in records for caption in record_captions(record, args.default_prompt)
+        ]
+        prompt_cache = PromptEmbeddingCache(
+            accelerator.unwrap_model(text_encoder), tokenizer, prompts, encode=not args.train_text_encoder
+        )
+        latent_cache = LatentCache.from_records(
+            vae, records, args.resolution, prompt_cache, default_prompt=args.default_prompt,
+            random_flip=args.random_flip, center_crop=args.center_crop,
+            show_progress=accelerator.is_local_main_process,
+        )
+        # Batches depend on (seed, epoch, batch, process) only: a resumed run draws the same ones.
+        cache_sampler = DeviceBatchSampler(
+            len(latent_cache), args.train_batch_size, accelerator.device, data_seed,
+            drop_last=len(latent_cache) >= args.train_batch_size, num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+        )
+        logger.info(f"  Latent cache = {latent_cache.nbytes() / 2**20:.1f} MiB on {latent_cache.device}, "
+                    f"{len(prompt_cache.prompts)} distinct prompt(s), {len(cache_sampler)} batches per epoch")
     unet.train()
     if args.train_text_encoder:
         text_encoder.train()
     while global_step < total_steps:
-        batch = next(batch_iterator)
+        if placement == "device":
+            epoch, index = divmod(global_step - vae_steps, len(cache_sampler))
+            generator = cache_sampler.generator("batch", epoch, index, accelerator.process_index)
+            batch = latent_cache.batch(cache_sampler.indices(epoch, index), generator)
+        else:
+            batch = next(batch_iterator)
         with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-            latents = latents * vae.config.scaling_factor
+            latents = sample_latents(vae, batch, weight_dtype)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         ).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.set_grad_enabled(args.train_text_encoder):
-            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        if "prompt_ids" not in batch:
+            with torch.set_grad_enabled(args.train_text_encoder):
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        elif args.train_text_encoder:
+            encoder_hidden_states = text_encoder(prompt_cache.input_ids[batch["prompt_ids"]], return_dict=False)[0]
+        else:
+            encoder_hidden_states = prompt_cache(batch["prompt_ids"])
         if noise_scheduler.config.prediction_type == "epsilon":
             target = noise
         elif noise_scheduler.config.prediction_type == "v_prediction":
@@ -658,11 +771,10 @@ def main(args):
         unet_lr_scheduler.step()
         unet_optimizer.zero_grad()
         global_step += 1
-        state["unet_losses"].append(accelerator.gather(loss.detach()[None]).mean().item())
-        logs = {"unet_loss": state["unet_losses"][-1], "lr": unet_lr_scheduler.get_last_lr()[0]}
+        unet_meter.step()
+        pending.append({"loss": loss.detach()})
         progress_bar.update(1)
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
+        flush_losses("unet", unet_lr_scheduler.get_last_lr()[0], force=global_step == total_steps)
         if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
             save_checkpoint()
         accelerator.wait_for_everyone()
@@ -693,11 +805,19 @@ def main(args):
             "vae_losses": state["vae_losses"],
             "unet_losses": state["unet_losses"],
             "num_images": len(train_dataset),
+            "dataset_placement": placement,
             "seconds": round(time.time() - start_time, 1),
             "args": {key: value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
                      for key, value in vars(args).items()},
         }
         write_json_atomic(os.path.join(args.output_dir, SUMMARY_FILE), summary)
+        # Steady-state throughput: the UNet stage's record, the VAE stage's as the `vae_stage` key.
+        if vae_throughput is not None:
+            accelerator.print(f"VAE stage throughput: {vae_throughput['steps_per_second']:.2f} it/s")
+        accelerator.print(
+            "UNet stage: " + unet_meter.write(args.output_dir, stage="unet", dataset_placement=placement,
+                                              vae_stage=vae_throughput)
+        )
 
         if args.num_validation_images > 0:
             pipeline.to(accelerator.device)

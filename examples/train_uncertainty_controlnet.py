@@ -70,6 +70,18 @@ from diffusers_uncertainty.training import (
     validate_records,
     write_model_card,
 )
+from diffusers_uncertainty.training.latent_cache import (
+    DATASET_PLACEMENTS,
+    DeviceBatchSampler,
+    LatentCache,
+    PromptEmbeddingCache,
+    check_dataset_placement,
+    choose_dataset_placement,
+    estimate_cache_bytes,
+    record_captions,
+    sample_latents,
+)
+from diffusers_uncertainty.training.performance import ThroughputMeter, adamw_fused_kwargs, enable_tf32
 
 
 if is_wandb_available():
@@ -190,7 +202,9 @@ def compute_loss(
 
     Args:
         batch (`dict`):
-            A batch of [`ControlNetTrainingDataset`] items.
+            A batch of [`ControlNetTrainingDataset`] items (`pixel_values`, `input_ids`, ...), or a cached batch
+            (`latent_parameters` and `encoder_hidden_states` instead, `LatentCache.batch` +
+            `LatentCache.control_conditioning`).
         vae, text_encoder, unet:
             The frozen base model.
         controlnet:
@@ -211,9 +225,8 @@ def compute_loss(
         style_drop_rate (`float`, defaults to 0.0):
             Probability that a sample gets the null style instead (for classifier-free guidance).
     """
-    # Convert images to latent space
-    latents = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
-    latents = latents * vae.config.scaling_factor
+    # Convert images to latent space (or sample the cached latent distribution: the same draw, see latent_cache)
+    latents = sample_latents(vae, batch, weight_dtype)
 
     # Sample noise and a random timestep per image, and add the noise (forward diffusion)
     noise = torch.randn_like(latents)
@@ -221,7 +234,10 @@ def compute_loss(
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    if "encoder_hidden_states" in batch:  # from the prompt cache
+        encoder_hidden_states = batch["encoder_hidden_states"]
+    else:
+        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
     if style_encoder is not None:
         drop_mask = torch.rand(bsz, device=latents.device) < style_drop_rate
         style_embeds = style_encoder(batch["style_pixel_values"], drop_mask=drop_mask, return_dict=False)[0]
@@ -550,7 +566,17 @@ def parse_args(input_args=None):
         default=0,
         help="Proportion of image prompts to be replaced with empty strings. Defaults to 0 (no prompt replacement).",
     )
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (stream).")
+    parser.add_argument(
+        "--dataset_placement",
+        type=str,
+        default="auto",
+        metavar="{" + ",".join(DATASET_PLACEMENTS) + "}",
+        help="stream: a DataLoader decodes and crops the images, the VAE and the text encoder run every step. device:"
+        " every image is decoded and encoded by the frozen VAE once (both flips), latents, label maps and uncertainty"
+        " maps stay on the device and are cropped there; prompts are encoded once. auto: device when that cache takes"
+        " at most a quarter of the device's memory (stream with --train_style_encoder, which needs the pixels).",
+    )
 
     # Style conditioning (Style-Extracting Diffusion Models)
     parser.add_argument(
@@ -667,7 +693,21 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_epsilon", type=float, default=1e-08)
     parser.add_argument("--max_grad_norm", default=1.0, type=float)
     parser.add_argument("--set_grads_to_none", action="store_true", help="optimizer.zero_grad(set_to_none=True).")
-    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 on Ampere GPUs.")
+    parser.add_argument(
+        "--allow_tf32", action="store_true", help="Kept for compatibility: TF32 is always allowed on Ampere and newer GPUs."
+    )
+    parser.add_argument(
+        "--torch_compile", action="store_true", help="torch.compile the controlnet and the frozen unet (in place)."
+    )
+    parser.add_argument(
+        "--channels_last", action="store_true", help="Keep the controlnet and the unet in channels_last memory format."
+    )
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log the loss every X steps (the mean over them): the only times the loop waits for the device.",
+    )
     parser.add_argument(
         "--mixed_precision",
         type=str,
@@ -729,8 +769,14 @@ def check_args(args) -> None:
         raise ValueError(
             f"`--class_names` must name all {args.num_classes} classes, but got {len(args.class_names)} names."
         )
+    check_dataset_placement(args.dataset_placement)
+    if args.dataset_placement == "device" and args.train_style_encoder:
+        raise ValueError(
+            "`--dataset_placement device` caches latents, but `--train_style_encoder` needs the style images' pixels "
+            "every step: use `--dataset_placement stream` (or auto)."
+        )
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "num_validation_images", "num_validation_inference_steps"):
+                 "num_validation_images", "num_validation_inference_steps", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be a positive integer, but got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -1161,27 +1207,33 @@ def main(args):
             " precision training, copy of the weights should still be float32."
         )
 
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    enable_tf32()
     if args.scale_lr:
         factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         args.learning_rate = args.learning_rate * factor
         if style_encoder is not None:
             parameter_groups[1]["lr"] *= factor
 
+    # The trained models go to the device before the optimizer is built, so that AdamW can be the fused one.
+    controlnet.to(accelerator.device)
+    if style_encoder is not None:
+        style_encoder.to(accelerator.device)
+    if args.channels_last:
+        controlnet.to(memory_format=torch.channels_last)
     # Use 8-bit Adam for lower memory usage
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit
+        optimizer_class, optimizer_kwargs = bnb.optim.AdamW8bit, {}
     else:
-        optimizer_class = torch.optim.AdamW
+        optimizer_class, optimizer_kwargs = torch.optim.AdamW, adamw_fused_kwargs(params_to_optimize)
     optimizer = optimizer_class(
         parameter_groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        **optimizer_kwargs,
     )
 
     train_dataset = ControlNetTrainingDataset(
@@ -1200,23 +1252,43 @@ def main(args):
     style_images = (
         validation_style_images(args, labeled_records, unlabeled_records) if style_encoder is not None else None
     )
-    if args.train_branch == "joint":
-        # Mixed batches: a drawn sample is labeled with probability --labeled_fraction.
-        generator = torch.Generator()
-        generator.manual_seed(args.seed if args.seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
-        sampler = torch.utils.data.WeightedRandomSampler(
-            train_dataset.sample_weights(args.labeled_fraction), len(train_dataset), generator=generator
-        )
-        loader_kwargs = {"sampler": sampler}
-    else:
-        loader_kwargs = {"shuffle": True}
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        collate_fn=collate_fn,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        **loader_kwargs,
+    data_seed = args.seed if args.seed is not None else int(torch.empty((), dtype=torch.int64).random_())
+    sample_weights = train_dataset.sample_weights(args.labeled_fraction) if args.train_branch == "joint" else None
+    # Where the data lives (see --dataset_placement); the style encoder needs pixels, so it streams.
+    first = (list(labeled_records[:1]) + list(unlabeled_records[:1]))[0]
+    estimated_bytes = estimate_cache_bytes(
+        len(train_dataset), load_image(first["image"], first["name"]).size, args.resolution,
+        2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels, args.random_flip,
+        labels=args.train_branch != "uncertainty", uncertainty=args.train_branch != "semantic",
     )
+    placement = (
+        "stream" if style_encoder is not None
+        else choose_dataset_placement(args.dataset_placement, estimated_bytes, accelerator.device)
+    )
+    logger.info(f"  Dataset placement = {placement} (--dataset_placement {args.dataset_placement}; "
+                f"latent cache ~{estimated_bytes / 2**20:.1f} MiB)")
+    if placement == "stream":
+        if sample_weights is not None:
+            # Mixed batches: a drawn sample is labeled with probability --labeled_fraction.
+            sampler = torch.utils.data.WeightedRandomSampler(
+                sample_weights, len(train_dataset), generator=torch.Generator().manual_seed(data_seed)
+            )
+            loader_kwargs = {"sampler": sampler}
+        else:
+            loader_kwargs = {"shuffle": True}
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset,
+            collate_fn=collate_fn,
+            batch_size=args.train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            **loader_kwargs,
+        )
+    else:
+        # Batches of the latent cache, drawn on the device from (seed, epoch, batch, process) only.
+        train_dataloader = DeviceBatchSampler(
+            len(train_dataset), args.train_batch_size, accelerator.device, data_seed, weights=sample_weights,
+            num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+        )
 
     # Scheduler and math around the number of training steps.
     overrode_max_train_steps = False
@@ -1235,9 +1307,12 @@ def main(args):
     )
 
     # Prepare everything with our `accelerator`.
-    controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        controlnet, optimizer, train_dataloader, lr_scheduler
-    )
+    if placement == "stream":
+        controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            controlnet, optimizer, train_dataloader, lr_scheduler
+        )
+    else:
+        controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     trained_models = [controlnet]
     if style_encoder is not None:
         style_encoder = accelerator.prepare(style_encoder)
@@ -1252,6 +1327,29 @@ def main(args):
     vae.to(accelerator.device, dtype=weight_dtype)
     unet.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if args.torch_compile:
+        # In place (`Module.compile`): state dict keys, save hooks and `unwrap_model` stay as they are.
+        accelerator.unwrap_model(controlnet).compile()
+        unet.compile()
+
+    if placement == "device":
+        # Encode the data once with the frozen VAE (in its dtype, as the streaming path does) and the prompts once.
+        records = list(labeled_records) + list(unlabeled_records)
+        prompts = [args.default_prompt] + [""] * (args.proportion_empty_prompts > 0)
+        prompts += [caption for record in records for caption in record_captions(record, args.default_prompt)]
+        prompt_cache = PromptEmbeddingCache(text_encoder, tokenizer, prompts)
+        latent_cache = LatentCache.from_records(
+            vae, records, args.resolution, prompt_cache, default_prompt=args.default_prompt,
+            random_flip=args.random_flip, center_crop=args.center_crop,
+            labeled=[True] * len(labeled_records) + [False] * len(unlabeled_records),
+            use_labels=args.train_branch != "uncertainty", use_uncertainty=args.train_branch != "semantic",
+            label_fill=args.ignore_index if args.ignore_index is not None else -1,
+            proportion_empty_prompts=args.proportion_empty_prompts, show_progress=accelerator.is_local_main_process,
+        )
+        logger.info(f"  Latent cache = {latent_cache.nbytes() / 2**20:.1f} MiB on {latent_cache.device}, "
+                    f"{len(prompt_cache.prompts)} distinct prompt(s)")
 
     # Recalculate the total training steps: the dataloader may have changed size in `prepare`.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1326,11 +1424,35 @@ def main(args):
     # Resuming mid-epoch: skip the batches of that epoch the checkpoint has already seen, so that the number of
     # steps per epoch and the end of training stay where an uninterrupted run puts them.
     resume_batches = (initial_global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    def epoch_batches(epoch: int, skip: int):
+        """The batches of `epoch` after the first `skip`: from the DataLoader, or cut from the latent cache."""
+        if placement == "stream":
+            yield from accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            return
+        for index in range(skip, len(train_dataloader)):
+            generator = train_dataloader.generator("batch", epoch, index, accelerator.process_index)
+            batch = latent_cache.batch(train_dataloader.indices(epoch, index), generator)
+            batch = latent_cache.control_conditioning(batch, args.num_classes)
+            batch["encoder_hidden_states"] = prompt_cache(batch["prompt_ids"])
+            yield batch
+
+    # Losses (and labeled fractions) stay on the device until a logging step: no host sync in between.
+    meter = ThroughputMeter(accelerator.device, total_batch_size)
+    pending_losses, pending_fractions = [], []
+
+    def flush_logs():
+        logs = {"loss": accelerator.gather(torch.stack(pending_losses)).mean().item(),
+                "lr": lr_scheduler.get_last_lr()[0]}
+        if pending_fractions:
+            logs["labeled_fraction"] = accelerator.gather(torch.stack(pending_fractions)).mean().item()
+        pending_losses.clear()
+        pending_fractions.clear()
+        progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
+
     for epoch in range(first_epoch, args.num_train_epochs):
-        epoch_dataloader = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        for step, batch in enumerate(epoch_dataloader):
+        for step, batch in enumerate(epoch_batches(epoch, resume_batches if epoch == first_epoch else 0)):
             with accelerator.accumulate(*trained_models):
                 loss = compute_loss(
                     batch, vae, text_encoder, unet, controlnet, noise_scheduler, args.train_branch,
@@ -1347,10 +1469,16 @@ def main(args):
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
+            pending_losses.append(loss.detach())
+            if args.train_branch == "joint":
+                pending_fractions.append(batch["is_labeled"].float().mean())
             # Checks if the accelerator has performed an optimization step behind the scenes
             if accelerator.sync_gradients:
                 progress_bar.update(1)
                 global_step += 1
+                meter.step()
+                if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
+                    flush_logs()
 
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
@@ -1383,12 +1511,6 @@ def main(args):
                             accelerator, weight_dtype, global_step, style_encoder, style_images,
                         )
 
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if args.train_branch == "joint":
-                logs["labeled_fraction"] = batch["is_labeled"].float().mean().item()
-            progress_bar.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -1397,6 +1519,7 @@ def main(args):
     # Save the trained controlnet and, if asked, push it with its model card.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        accelerator.print(meter.write(args.output_dir, stage="controlnet", dataset_placement=placement))
         controlnet = accelerator.unwrap_model(controlnet)
         save_controlnet_atomically(controlnet, args.output_dir)
         logger.info(f"Saved the UncertaintyControlNetModel to {args.output_dir} (global step {global_step})")

@@ -38,7 +38,7 @@ TINY = [
     "--unet_attention_head_dim", 4, "--cross_attention_dim", 16, "--text_encoder_heads", 2,
     "--tokenizer_max_length", 16,
 ]
-VAE_STEPS, UNET_STEPS = 8, 2
+VAE_STEPS, UNET_STEPS = 8, 4  # checkpoint-5 falls in the VAE stage, checkpoint-10 in the UNet stage
 
 
 def _free_port() -> int:
@@ -113,6 +113,13 @@ def test_output_is_a_stable_diffusion_folder_that_generates_and_takes_a_dual_con
     for name in ("vae", "unet", "base_model_state.json"):
         assert (output_dir / "checkpoint-5" / name).exists()
     assert (output_dir / "samples.png").is_file()
+    # The default placement (auto) keeps this small dataset's latents on the device; the throughput record says so.
+    assert "Dataset placement of the UNet stage = device (--dataset_placement auto" in result.stderr
+    throughput = json.loads((output_dir / "throughput.json").read_text())
+    assert throughput["stage"] == "unet" and throughput["dataset_placement"] == "device"
+    assert throughput["warmup_steps"] == 10 and throughput["steps_per_second"] is None  # 4 UNet steps: too few
+    assert throughput["vae_stage"] is None
+    assert json.loads((output_dir / "training_summary.json").read_text())["dataset_placement"] == "device"
 
     pipeline = StableDiffusionPipeline.from_pretrained(output_dir)
     pipeline.set_progress_bar_config(disable=True)
@@ -195,6 +202,45 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(trained):
     assert summary["vae_losses"] == pytest.approx(json.loads((base / "training_summary.json").read_text())["vae_losses"])
 
 
+def test_resuming_inside_the_unet_stage_on_the_device_path_reproduces_the_uninterrupted_run(trained):
+    """checkpoint-10 is at UNet step 2 of 4: the resumed run rebuilds the latent cache from the checkpoint's VAE and
+    draws the same cached batches (they depend on the seed and the step only), so the weights match."""
+    root, _ = trained
+    base = root / "runs" / "base"
+    resumed = root / "resumed_unet"
+    resumed.mkdir()
+    shutil.copytree(base / "checkpoint-10", resumed / "checkpoint-10")
+    result = run_training(*_scratch_args(root / "oct", resumed, "--resume_from_checkpoint", "latest"))
+    _assert_ok(result)
+    assert "Resuming from checkpoint" in result.stdout and "VAE stage done" not in result.stdout
+    assert "Latent cache = " in result.stderr
+    expected, got = _weights(base / "unet"), _weights(resumed / "unet")
+    assert all(torch.allclose(expected[key], got[key], atol=1e-6) for key in expected)
+    summary = json.loads((resumed / "training_summary.json").read_text())
+    assert summary["unet_losses"] == pytest.approx(json.loads((base / "training_summary.json").read_text())["unet_losses"])
+
+
+def test_stream_placement_is_the_dataloader_path_and_writes_its_throughput(trained):
+    """`--dataset_placement stream` (the VAE encodes every batch): fine-tuning the produced base, 12 UNet steps so
+    that the meter measures 2 after its 10 warm-up steps."""
+    root, _ = trained
+    output_dir = root / "stream"
+    result = run_training(
+        "--pretrained_model_name_or_path", root / "runs" / "base", "--skip_vae_training",
+        "--train_data_dir", root / "oct" / "target" / "train", "--resolution", 32, "--unet_train_steps", 12,
+        "--train_batch_size", 2, "--seed", 1, "--num_validation_images", 0, "--dataset_placement", "stream",
+        "--logging_steps", 5, "--output_dir", output_dir,
+    )
+    _assert_ok(result)
+    assert "Dataset placement of the UNet stage = stream" in result.stderr and "Latent cache = " not in result.stderr
+    assert "UNet stage: Steady-state throughput:" in result.stdout
+    throughput = json.loads((output_dir / "throughput.json").read_text())
+    assert throughput["dataset_placement"] == "stream" and throughput["measured_steps"] == 2
+    assert throughput["steps_per_second"] > 0 and throughput["samples_per_step"] == 2
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert len(summary["unet_losses"]) == 12 and all(np.isfinite(summary["unet_losses"]))  # every step, 5 at a time
+
+
 def test_empty_data_folder_fails_before_training(tmp_path):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     result = run_training(
@@ -222,6 +268,8 @@ def _load_script():
         (["--skip_vae_training"], "`--skip_vae_training` keeps a pretrained VAE: it needs `--pretrained_model_name_or_path`"),
         (["--unet_block_out_channels", "10", "32"], r"`--unet_block_out_channels` must be positive multiples of 4, but got \[10, 32\]"),
         (["--train_batch_size", "0"], "`--train_batch_size` must be a positive integer, but got 0"),
+        (["--dataset_placement", "gpu"], "`--dataset_placement` must be one of auto, device, stream, but got 'gpu'"),
+        (["--logging_steps", "0"], "`--logging_steps` must be a positive integer, but got 0"),
     ],
 )
 def test_bad_arguments_raise_at_parse_time(tmp_path, extra, message):

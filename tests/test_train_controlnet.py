@@ -4,6 +4,7 @@ data folder is present)."""
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -226,6 +227,43 @@ def test_checkpoints_are_pruned_and_resume_latest_continues_from_the_right_step(
     distance = sum(float((step4[key] - step3[key]).norm() ** 2) for key in keys) ** 0.5
     travelled = sum(float(step3[key].norm() ** 2) for key in keys) ** 0.5
     assert travelled > 0 and distance < 0.5 * travelled, (distance, travelled)
+
+
+def test_device_placement_resumes_mixed_batches_exactly_and_stream_placement_still_trains(workspace, tmp_path):
+    """Joint mode (mixed labeled/unlabeled batches, flips) on the latent cache: 4 steps straight, and 2 + 2 resumed
+    from checkpoint-2, end with the same weights (cached batches depend on the seed and the step only; the noise comes
+    from the restored RNG states). The DataLoader path (`stream`) trains too; both write their throughput."""
+    common = [
+        "--train_branch", "joint", "--train_data_dir", workspace / "labeled", "--unlabeled_data_dir",
+        workspace / "unlabeled", "--uncertainty_dir", workspace / "maps", "--labeled_fraction", 0.5, "--random_flip",
+        "--max_train_steps", 4, "--checkpointing_steps", 2, "--logging_steps", 3,
+    ]
+    straight = tmp_path / "straight"
+    result = run_training(*_base_args(workspace, straight, *common, "--dataset_placement", "device"))
+    _assert_ok(result)
+    assert "Dataset placement = device (--dataset_placement device" in result.stderr
+    assert "Latent cache = " in result.stderr and "Num batches each epoch = 4" in result.stderr
+    throughput = (straight / "throughput.json").read_text()
+    assert '"dataset_placement": "device"' in throughput and '"stage": "controlnet"' in throughput
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    result = run_training(
+        *_base_args(workspace, resumed, *common, "--dataset_placement", "device", "--resume_from_checkpoint", "latest")
+    )
+    _assert_ok(result)
+    expected, got = _weights(straight), _weights(resumed)
+    assert all(torch.allclose(expected[key], got[key], atol=1e-6) for key in expected)
+    changed, total = _changed(_weights(straight / "checkpoint-2" / "controlnet"), expected, "semantic_controlnet.")
+    assert changed > 0  # steps 3-4 did train
+
+    stream = tmp_path / "stream"
+    result = run_training(*_base_args(workspace, stream, *common[:-6], "--max_train_steps", 2, "--dataset_placement",
+                                      "stream"))
+    _assert_ok(result)
+    assert "Dataset placement = stream" in result.stderr and "Latent cache = " not in result.stderr
+    assert '"dataset_placement": "stream"' in (stream / "throughput.json").read_text()
 
 
 def test_two_process_cpu_run(workspace, tmp_path):

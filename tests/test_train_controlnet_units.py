@@ -318,6 +318,12 @@ def test_parse_args_rejects_bad_combinations_before_any_work(script, tmp_path):
         (["--train_branch", "uncertainty", "--train_data_dir", "d"], "`--uncertainty_dir` (their uncertainty maps)"),
         (["--train_branch", "semantic", "--train_data_dir", "d", "--ignore_index", "2"], "`--ignore_index` must not"),
         (["--train_branch", "semantic", "--train_data_dir", "d", "--validation_uncertainty_levels", "1.5"], "[0, 1]"),
+        (["--train_branch", "semantic", "--train_data_dir", "d", "--dataset_placement", "gpu"],
+         "`--dataset_placement` must be one of auto, device, stream, but got 'gpu'."),
+        (["--train_branch", "semantic", "--train_data_dir", "d", "--dataset_placement", "device",
+          "--train_style_encoder"], "`--dataset_placement device` caches latents, but `--train_style_encoder` needs"),
+        (["--train_branch", "semantic", "--train_data_dir", "d", "--logging_steps", "0"],
+         "`--logging_steps` must be a positive integer, but got 0."),
     ]
     from diffusers.utils.import_utils import is_xformers_available
 

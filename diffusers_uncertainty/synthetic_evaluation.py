@@ -450,7 +450,8 @@ def check_evaluation_arguments(
 ) -> None:
     r"""
     Every check of [`evaluate_synthetic_dataset`]'s arguments that needs no model or image: run before any work.
-    Argument names in the messages are those of `examples/evaluate_synthetic.py`.
+    Argument names in the messages are those of `examples/evaluate_synthetic.py`. `synthetic_data_dir=None` skips
+    the checks of the dataset (for a dataset not generated yet).
     """
     folders = {
         "--synthetic_data_dir": synthetic_data_dir, "--source_segmenter": source_segmenter,
@@ -487,7 +488,34 @@ def check_evaluation_arguments(
         raise ValueError(
             f"`--uncertainty_estimator` must be one of {UNCERTAINTY_ESTIMATOR_CHOICES}, but got {uncertainty_estimator!r}."
         )
-    check_level_generation(read_generation_settings(synthetic_data_dir), synthetic_data_dir, uncertainty_levels)
+    if synthetic_data_dir is not None:
+        check_level_generation(read_generation_settings(synthetic_data_dir), synthetic_data_dir, uncertainty_levels)
+
+
+def data_root_folders(root: str | os.PathLike, argument: str = "--evaluate_data_root") -> dict:
+    r"""
+    The real-image folders of a data root in the workflow's layout (`source/train`, `source/val`, `target/train`,
+    `target/val`), as the keyword arguments of [`evaluate_synthetic_dataset`].
+
+    Args:
+        root (`str` or `os.PathLike`):
+            The data root.
+        argument (`str`, defaults to `"--evaluate_data_root"`):
+            Name used in error messages.
+    """
+    folders = {
+        "source_train_dir": Path(root) / "source" / "train",
+        "target_train_dir": Path(root) / "target" / "train",
+        "source_eval_dir": Path(root) / "source" / "val",
+        "target_eval_dir": Path(root) / "target" / "val",
+    }
+    missing = [str(folder.relative_to(root)) for folder in folders.values() if not folder.is_dir()]
+    if missing:
+        raise ValueError(
+            f"`{argument}` must hold the folders source/train, source/val, target/train and target/val, but "
+            f"{str(root)!r} lacks {missing}."
+        )
+    return folders
 
 
 def evaluate_synthetic_dataset(
@@ -687,6 +715,62 @@ def evaluate_synthetic_dataset(
     }
     write_json_atomic(os.path.join(output_dir, RESULTS_NAME), results)
     write_text_atomic(os.path.join(output_dir, TABLE_NAME), synthetic_evaluation_markdown(results))
+    return results
+
+
+# ------------------------------------------------------------------- generate_synthetic_dataset.py --evaluate
+EVALUATION_ARGUMENTS = (
+    "evaluate_source_segmenter", "evaluate_target_segmenter", "evaluate_data_root", "evaluate_resolution",
+)
+
+
+def check_generation_evaluation(args) -> None:
+    r"""
+    The checks of `generate_synthetic_dataset.py --evaluate`, before any generation.
+
+    Args:
+        args (`argparse.Namespace`):
+            The generation script's arguments.
+    """
+    for name in ("evaluate_source_segmenter", "evaluate_data_root"):
+        if getattr(args, name) is None:
+            raise ValueError(f"`--evaluate` needs `--{name}`, but it was not given.")
+    folders = data_root_folders(args.evaluate_data_root)
+    check_evaluation_arguments(
+        None, args.evaluate_source_segmenter, **folders, target_segmenter=args.evaluate_target_segmenter,
+        resolution=args.evaluate_resolution or 256, batch_size=args.batch_size,
+    )
+
+
+def evaluate_generation(args, pipeline, accelerator) -> dict:
+    r"""
+    `generate_synthetic_dataset.py --evaluate`: evaluate the finished dataset in `args.output_dir` with the pipeline
+    that generated it, into `<output_dir>/evaluation`, and print the table. A dataset generated with a style bank is
+    evaluated without the constant-level rows (they would lack its style images).
+
+    Args:
+        args (`argparse.Namespace`):
+            The generation script's arguments.
+        pipeline ([`StableDiffusionDualControlPipeline`]):
+            The pipeline that generated the dataset.
+        accelerator (`accelerate.Accelerator`):
+            The script's accelerator (device and autocast).
+    """
+    results = evaluate_synthetic_dataset(
+        args.output_dir,
+        args.evaluate_source_segmenter,
+        **data_root_folders(args.evaluate_data_root),
+        output_dir=os.path.join(args.output_dir, "evaluation"),
+        target_segmenter=args.evaluate_target_segmenter,
+        uncertainty_levels=() if args.style_bank else (0.0, 0.5, 1.0),
+        resolution=args.evaluate_resolution or 256,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=accelerator.device,
+        autocast=accelerator.autocast,
+        pipeline=pipeline,
+    )
+    print(synthetic_evaluation_table(results))
     return results
 
 

@@ -347,3 +347,24 @@ def test_generate_evaluate_flags_fail_before_any_work(workspace, tmp_path, extra
             str(workspace["source_val"]), "--uncertainty_level", "0.5", "--output_dir", str(tmp_path / "out"), *extra,
         ])
     assert not (tmp_path / "out").exists()
+
+
+def test_workflow_plans_the_stage_after_every_segmenter_with_the_photometric_one(tmp_path):
+    from diffusers_uncertainty.workflow import load_config, plan
+
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path)})
+    stages = plan(config)
+    names = [stage.name for stage in stages]
+    index = names.index("synthetic_evaluation")
+    assert names[index + 1:] == ["report"]
+    assert all(names.index(name) < index for name in names if name.startswith("segmenter"))
+    args = stages[index].args
+    assert args["target_segmenter"] == tmp_path / "segmenters" / "photometric"
+    assert args["synthetic_data_dir"] == tmp_path / "synthetic"
+    assert args["source_eval_dir"] == tmp_path / "data" / "source" / "val"
+    assert args["uncertainty_levels"] == [0.0, 0.5, 1.0] and args["samples_per_level"] == 2  # smoke applied
+    assert args["uncertainty_estimator"] == "entropy"
+
+    config["variants"] = {"source_only": {}, "synthetic": {"synthetic": True}}
+    args = next(stage for stage in plan(config) if stage.name == "synthetic_evaluation").args
+    assert args["target_segmenter"] is None  # no photometric variant: the table says so

@@ -9,10 +9,10 @@ maps, seeds and settings. Every measure comes from models trained by the workflo
 
     accelerate launch examples/evaluate_synthetic.py --synthetic_data_dir runs/synthetic \
         --source_segmenter runs/segmenters/source_only --target_segmenter runs/segmenters/photometric \
-        --source_train_dir ../shared/data/camvid_daydusk/source/train \
-        --target_train_dir ../shared/data/camvid_daydusk/target/train \
-        --source_eval_dir ../shared/data/camvid_daydusk/source/val \
-        --target_eval_dir ../shared/data/camvid_daydusk/target/val --resolution 176 --output_dir runs/evaluation/synthetic
+        --source_train_dir data/camvid_daydusk/source/train \
+        --target_train_dir data/camvid_daydusk/target/train \
+        --source_eval_dir data/camvid_daydusk/source/val \
+        --target_eval_dir data/camvid_daydusk/target/val --resolution 176 --output_dir runs/evaluation/synthetic
 """
 
 import argparse

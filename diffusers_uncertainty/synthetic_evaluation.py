@@ -18,6 +18,7 @@ stage and its report shows [`synthetic_evaluation_table`].
 import contextlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -288,7 +289,7 @@ def segment_samples(
     """
     from .segmentation import UNCERTAINTY_ESTIMATORS, SegmentationMetrics, SegmentationTransform
 
-    if estimator not in UNCERTAINTY_ESTIMATORS or estimator not in UNCERTAINTY_ESTIMATOR_CHOICES:
+    if estimator not in UNCERTAINTY_ESTIMATOR_CHOICES:
         raise ValueError(f"`estimator` must be one of {UNCERTAINTY_ESTIMATOR_CHOICES}, but got {estimator!r}.")
     if len(samples) == 0:
         raise ValueError("`samples` is empty.")
@@ -630,6 +631,7 @@ def evaluate_synthetic_dataset(
         )
 
     # Every input is opened (and checked) before anything is computed.
+    seconds, clock = {}, time.perf_counter()
     synthetic = load(synthetic_data_dir, "--synthetic_data_dir")
     count = len(synthetic) if max_samples is None else min(max_samples, len(synthetic))
     eval_sets = {"real_source": load(source_eval_dir, "--source_eval_dir"),
@@ -639,6 +641,7 @@ def evaluate_synthetic_dataset(
     settings = read_generation_settings(synthetic_data_dir)
 
     sets = {name: [dataset[i] for i in range(len(dataset))] for name, dataset in eval_sets.items()}
+    seconds["load"], clock = time.perf_counter() - clock, time.perf_counter()
     if uncertainty_levels:
         echo(f"Generating {samples_per_level} images at each uncertainty level {uncertainty_levels} ...")
         if pipeline is None:
@@ -646,11 +649,12 @@ def evaluate_synthetic_dataset(
         rows = datasets.load_from_disk(str(synthetic_data_dir))
         for level, samples in generate_level_sets(pipeline, rows, settings, uncertainty_levels, samples_per_level, batch_size).items():
             sets[f"level:{level}"] = samples
+        seconds["generate_levels"], clock = time.perf_counter() - clock, time.perf_counter()
     sets["dataset"] = [synthetic[i] for i in range(count)]
-    description = "the dataset"
+    description = "its own maps"
     if settings is not None:
         description = (
-            f"bank of real target maps `{settings['uncertainty_bank']}`" if settings.get("uncertainty_bank")
+            "real-map bank" if settings.get("uncertainty_bank")
             else f"constant level {settings['uncertainty_level']}" if settings.get("uncertainty_level") is not None
             else "style bank"
         )
@@ -670,6 +674,7 @@ def evaluate_synthetic_dataset(
     }
     source_accuracy = float((predictions["real_source"][0] <= 0.5).float().mean())
     target_accuracy = float((predictions["real_target"][0] > 0.5).float().mean())
+    seconds["domain_classifier"], clock = time.perf_counter() - clock, time.perf_counter()
 
     echo("Segmenting ...")
     results_sets = []
@@ -694,6 +699,7 @@ def evaluate_synthetic_dataset(
         if name == "dataset":
             entry["uncertainty"] = description
         results_sets.append(entry)
+    seconds["segmenters_and_kid"] = time.perf_counter() - clock
 
     results = {
         "synthetic_data_dir": str(synthetic_data_dir),
@@ -712,6 +718,7 @@ def evaluate_synthetic_dataset(
         },
         "kid": {"subsets": kid_subsets, "subset_size": kid_subset_size},
         "sets": results_sets,
+        "seconds": {phase: round(value, 2) for phase, value in seconds.items()},
     }
     write_json_atomic(os.path.join(output_dir, RESULTS_NAME), results)
     write_text_atomic(os.path.join(output_dir, TABLE_NAME), synthetic_evaluation_markdown(results))

@@ -248,7 +248,7 @@ def test_script_with_real_images_as_the_dataset_reaches_the_ceiling(workspace, d
     printed = capsys.readouterr().out
     assert synthetic_evaluation_table(results) in printed
     assert "n/a (no photometric variant)" in printed
-    assert "| generated dataset (the dataset) | 8 |" in printed
+    assert "| generated dataset (its own maps) | 8 |" in printed
 
 
 def test_script_generates_the_levels_and_uses_the_target_segmenter(workspace, tmp_path):

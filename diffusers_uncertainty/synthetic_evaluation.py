@@ -165,7 +165,7 @@ def train_domain_classifier(
          T.RandomHorizontalFlip()]
     )
     domains = torch.cat([torch.zeros(half), torch.ones(half)]).to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[]):  # every random draw here is on the CPU, on any device
         torch.manual_seed(seed)
         model = DomainClassifier(in_channels=source.shape[1], block_out_channels=tuple(block_out_channels)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)

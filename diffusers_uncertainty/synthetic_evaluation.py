@@ -798,7 +798,14 @@ def _percent(value) -> str:
 
 
 def _kid(value) -> str:
-    return "—" if value is None else f"{value['mean']:.4f} ± {value['std']:.4f}"
+    if value is None:
+        return "—"
+    # Subsets that are the whole sets every time: the spread is rounding noise.
+    std = 0.0 if value["std"] <= 1e-9 * abs(value["mean"]) else value["std"]
+    return f"{value['mean']:.3g} ± {std:.2g}"
+
+
+SEGMENTER_LABELS = {"source_only": "source-only", "target_like": "photometric"}
 
 
 def synthetic_evaluation_table(results: dict) -> str:
@@ -828,14 +835,18 @@ def synthetic_evaluation_table(results: dict) -> str:
             f"{_kid(entry['kid_to_source'])} | {entry['mean_uncertainty']:.4f} |"
         )
     classifier = results["domain_classifier"]
+    sizes = sorted({kid["subset_size"] for entry in results["sets"]
+                    for kid in (entry["kid_to_target"], entry["kid_to_source"]) if kid is not None})
+    sizes = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
     lines += [
         "",
         f"mIoU and 'classified as target' in %; on the real rows the mIoU is the segmenter's ceiling. Domain "
         f"classifier: held-out accuracy {_percent(classifier['heldout_accuracy'])} % (source "
         f"{_percent(classifier['source_accuracy'])} %, target {_percent(classifier['target_accuracy'])} %; trained on "
         f"{classifier['train_images']['source']} source and {classifier['train_images']['target']} target images); "
-        f"KID on its features (subsets of up to {results['kid']['subset_size']}, mean ± std over "
-        f"{results['kid']['subsets']}); uncertainty: {results['uncertainty_estimator']} of the source-only segmenter.",
+        f"KID on its features, in its feature units (comparable within this table only): mean ± std over "
+        f"{results['kid']['subsets']} subsets of {sizes} images of each set (at most {results['kid']['subset_size']},"
+        f" at most the smaller set); uncertainty: {results['uncertainty_estimator']} of the source-only segmenter.",
     ]
     return "\n".join(lines)
 
@@ -853,7 +864,7 @@ def synthetic_evaluation_markdown(results: dict) -> str:
              "## Per-class IoU (%)", ""]
     segmenters = [key for key in ("source_only", "target_like") if results["segmenters"][key] is not None]
     columns = [(entry, key) for entry in results["sets"] for key in segmenters]
-    lines.append("| class | " + " | ".join(f"{_set_label(e)}, {key}" for e, key in columns) + " |")
+    lines.append("| class | " + " | ".join(f"{_set_label(e)}, {SEGMENTER_LABELS[key]}" for e, key in columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
     names = [row["class"] for row in results["sets"][0]["fidelity"]["source_only"]["per_class"]]
     for c, name in enumerate(names):

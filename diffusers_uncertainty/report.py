@@ -159,7 +159,7 @@ def write_report(config: dict, out: Path, root: Path, base_path: str, control: P
 
     from .synthetic_evaluation import RESULTS_NAME, synthetic_evaluation_table
 
-    synthetic_results = _read_metrics(out / "evaluation" / "synthetic" / RESULTS_NAME)
+    synthetic_results = _read_metrics(out / "synthetic_evaluation" / RESULTS_NAME)
     synthetic_table = (
         synthetic_evaluation_table(synthetic_results) if synthetic_results is not None
         else "Not measured: the `synthetic_evaluation` stage has not written its results."

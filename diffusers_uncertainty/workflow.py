@@ -330,13 +330,13 @@ def plan(config: dict) -> list[Stage]:
     stages.append(
         Stage(
             "synthetic_evaluation",
-            out / "evaluation" / "synthetic",
+            out / "synthetic_evaluation",
             "evaluate_synthetic.py",
             {"synthetic_data_dir": synthetic, "source_segmenter": source_segmenter,
              "target_segmenter": out / "segmenters" / photometric[0] if photometric else None,
              "source_train_dir": root / "source" / "train", "target_train_dir": root / "target" / "train",
              "source_eval_dir": root / "source" / "val", "target_eval_dir": root / "target" / "val",
-             "resolution": data["resolution"], "output_dir": out / "evaluation" / "synthetic", "seed": seed,
+             "resolution": data["resolution"], "output_dir": out / "synthetic_evaluation", "seed": seed,
              **synthetic_evaluation_args},
         )
     )

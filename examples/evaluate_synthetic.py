@@ -12,7 +12,7 @@ maps, seeds and settings. Every measure comes from models trained by the workflo
         --source_train_dir data/camvid_daydusk/source/train \
         --target_train_dir data/camvid_daydusk/target/train \
         --source_eval_dir data/camvid_daydusk/source/val \
-        --target_eval_dir data/camvid_daydusk/target/val --resolution 176 --output_dir runs/evaluation/synthetic
+        --target_eval_dir data/camvid_daydusk/target/val --resolution 176 --output_dir runs/synthetic_evaluation
 """
 
 import argparse

@@ -365,6 +365,11 @@ def test_workflow_plans_the_stage_after_every_segmenter_with_the_photometric_one
     assert args["uncertainty_levels"] == [0.0, 0.5, 1.0] and args["samples_per_level"] == 2  # smoke applied
     assert args["uncertainty_estimator"] == "entropy"
 
+    assert stages[index].output == args["output_dir"] == tmp_path / "synthetic_evaluation"
+
     config["variants"] = {"source_only": {}, "synthetic": {"synthetic": True}}
-    args = next(stage for stage in plan(config) if stage.name == "synthetic_evaluation").args
+    stages = plan(config)
+    args = next(stage for stage in stages if stage.name == "synthetic_evaluation").args
     assert args["target_segmenter"] is None  # no photometric variant: the table says so
+    # A variant named `synthetic` (as in the CamVid config) keeps its own evaluation folders.
+    assert len({stage.output for stage in stages}) == len(stages)

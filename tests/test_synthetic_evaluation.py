@@ -5,6 +5,7 @@ reproduce the dataset's own images, and bad arguments fail before any work.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import datasets
@@ -237,7 +238,7 @@ def test_script_with_real_images_as_the_dataset_reaches_the_ceiling(workspace, d
     args = base_args(workspace, tmp_path / "out", "--uncertainty_levels")
     args[args.index("--synthetic_data_dir") + 1] = str(real_as_generated)
     script.main(script.parse_args(args))
-    results = __import__("json").loads((tmp_path / "out" / "synthetic_evaluation.json").read_text())
+    results = json.loads((tmp_path / "out" / "synthetic_evaluation.json").read_text())
     sets = {entry["name"]: entry for entry in results["sets"]}
     assert list(sets) == ["real_source", "real_target", "dataset"]
     assert sets["dataset"]["fidelity"] == sets["real_target"]["fidelity"]
@@ -317,7 +318,7 @@ def test_generate_with_evaluate_prints_the_table_at_the_end(workspace, tmp_path,
         ]))
     finally:
         torch.set_num_threads(threads)
-    results = __import__("json").loads((output_dir / "evaluation" / "synthetic_evaluation.json").read_text())
+    results = json.loads((output_dir / "evaluation" / "synthetic_evaluation.json").read_text())
     assert [entry["name"] for entry in results["sets"]] == [
         "real_source", "real_target", "level:0.0", "level:0.5", "level:1.0", "dataset"
     ]

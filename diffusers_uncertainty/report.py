@@ -216,6 +216,14 @@ def write_report(
     variants = list((config.get("variants") or {"source_only": {}}).keys())
     table, _ = metrics_table(out / "evaluation", variants)
 
+    from .synthetic_evaluation import RESULTS_NAME, synthetic_evaluation_table
+
+    synthetic_results = _read_metrics(out / "synthetic_evaluation" / RESULTS_NAME)
+    synthetic_table = (
+        synthetic_evaluation_table(synthetic_results) if synthetic_results is not None
+        else "Not measured: the `synthetic_evaluation` stage has not written its results."
+    )
+
     scores = {}
     for split, folder in maps.items():
         info = _read_metrics(Path(folder) / "scores.json") or {}
@@ -255,6 +263,10 @@ def write_report(
         "| split | mean uncertainty |",
         "|---|---|",
         *[f"| {split} | {'n/a' if value is None else f'{value:.4f}'} |" for split, value in scores.items()],
+        "",
+        "## Synthetic data: label fidelity, target likeness, uncertainty (per uncertainty level)",
+        "",
+        synthetic_table,
         "",
         "## Generated samples",
         "",

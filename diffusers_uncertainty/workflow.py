@@ -411,6 +411,30 @@ def plan(config: dict) -> list[Stage]:
     stages += refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
                                 uncertainty_args, control_args, generate_args, evaluate_args)
 
+    # Label fidelity, target likeness and uncertainty of the synthetic data (synthetic_evaluation.py). The
+    # target-like segmenter is the photometric variant's (the one named `photometric` first), if the config has one.
+    photometric = [
+        name for name, variant in variants.items()
+        if (variant or {}).get("photometric_augmentation") and not (variant or {}).get("synthetic")
+    ]
+    photometric.sort(key=lambda name: name != "photometric")
+    synthetic_evaluation_args = dict(((config.get("evaluate") or {}).get("synthetic") or {}).get("args") or {})
+    if uncertainty_args.get("estimator", "entropy") in ("entropy", "mc_dropout"):  # the maps' own estimator
+        synthetic_evaluation_args.setdefault("uncertainty_estimator", uncertainty_args.get("estimator", "entropy"))
+    stages.append(
+        Stage(
+            "synthetic_evaluation",
+            out / "synthetic_evaluation",
+            "evaluate_synthetic.py",
+            {"synthetic_data_dir": synthetic, "source_segmenter": source_segmenter,
+             "target_segmenter": out / "segmenters" / photometric[0] if photometric else None,
+             "source_train_dir": root / "source" / "train", "target_train_dir": root / "target" / "train",
+             "source_eval_dir": root / "source" / "val", "target_eval_dir": root / "target" / "val",
+             "resolution": data["resolution"], "output_dir": out / "synthetic_evaluation", "seed": seed,
+             **synthetic_evaluation_args},
+        )
+    )
+
     from .report import write_report
 
     stages.append(

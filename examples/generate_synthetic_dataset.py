@@ -67,6 +67,11 @@ from diffusers_uncertainty.synthesis import (
     write_json_atomic,
     write_shard,
 )
+from diffusers_uncertainty.synthetic_evaluation import (
+    EVALUATION_ARGUMENTS,
+    check_generation_evaluation,
+    evaluate_generation,
+)
 from diffusers_uncertainty.training import write_model_card
 
 
@@ -231,6 +236,23 @@ def parse_args(input_args=None):
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub dataset repository id (owner/name).")
     parser.add_argument("--hub_token", type=str, default=None, help="Token for the Hub.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+    # Evaluation of the finished dataset (diffusers_uncertainty/synthetic_evaluation.py, docs/synthesis.md).
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="At the end, measure label fidelity, target likeness and uncertainty of the dataset (per uncertainty level)"
+        " into output_dir/evaluation and print the table. Needs --evaluate_source_segmenter and --evaluate_data_root.",
+    )
+    parser.add_argument("--evaluate_source_segmenter", type=str, default=None, help="Segmenter trained on the source.")
+    parser.add_argument(
+        "--evaluate_target_segmenter", type=str, default=None, help="Segmenter trained on target-like images (optional)."
+    )
+    parser.add_argument(
+        "--evaluate_data_root", type=str, default=None, help="Real images: source/{train,val}, target/{train,val}."
+    )
+    parser.add_argument(
+        "--evaluate_resolution", type=int, default=None, help="Segmenters' input shorter side (default 256)."
+    )
 
     args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
     # The command line, for the dataset card and generation_config.json (also when `main` is called from Python).
@@ -273,6 +295,10 @@ def parse_args(input_args=None):
             raise ValueError(f"`--{name}` must be at least 1, but got {getattr(args, name)}.")
     if args.seed < 0:
         raise ValueError(f"`--seed` must be non-negative, but got {args.seed}.")
+    if args.evaluate:
+        check_generation_evaluation(args)
+    elif any(getattr(args, name) is not None for name in EVALUATION_ARGUMENTS):
+        raise ValueError(f"`--{'`, `--'.join(EVALUATION_ARGUMENTS)}` apply to `--evaluate`; pass it to use them.")
     if not os.path.isfile(args.dataset_card_template):
         raise ValueError(f"`--dataset_card_template` must be a file, but {args.dataset_card_template} does not exist.")
     return args
@@ -524,6 +550,8 @@ def main(args):
                     token=args.hub_token,
                 )
                 logger.info(f"Pushed to https://huggingface.co/datasets/{repo_id}")
+            if args.evaluate:
+                evaluate_generation(args, pipeline, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -138,3 +138,29 @@ def test_a_controlnet_that_is_not_dual_is_refused(tiny_components):
     tiny_components["controlnet"] = ControlNetModel.from_unet(tiny_components["unet"])
     with pytest.raises(ValueError, match="`controlnet` must be an UncertaintyControlNetModel, but got ControlNetModel"):
         StableDiffusionDualControlPipeline(**tiny_components)
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True], ids=["separate", "shared_trunk"])
+def test_condition_embeddings_are_made_once_per_call_and_match_the_stock_pipeline_with_windows(shared_trunk):
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from diffusers_uncertainty import build_tiny_components, prepare_semantic_map
+
+    components = build_tiny_components(num_classes=4, ignore_index=255, shared_trunk=shared_trunk)
+    ours = StableDiffusionDualControlPipeline(**components)
+    stock = StableDiffusionControlNetPipeline(**components, requires_safety_checker=False)
+    for pipeline in (ours, stock):
+        pipeline.set_progress_bar_config(disable=True)
+    embeddings = [m for m in components["controlnet"].modules() if isinstance(m, ControlNetConditioningEmbedding)]
+    calls = []
+    for index, module in enumerate(embeddings):
+        module.conv_in.register_forward_hook(lambda *args, index=index: calls.append(index))
+    labels = _labels(batch_size=2)
+    uncertainty = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    one_hot, _ = prepare_semantic_map(labels, 4, 16, 16)
+    common = dict(prompt=["a scan"] * 2, num_inference_steps=4, output_type="np", control_guidance_end=[1.0, 0.5])
+    mine = ours(semantic_map=labels, uncertainty_map=uncertainty, generator=torch.Generator().manual_seed(0), **common)
+    assert sorted(calls) == [0, 1]  # once per call, not once per step
+    theirs = stock(image=[one_hot, uncertainty], generator=torch.Generator().manual_seed(0), **common)
+    assert np.array_equal(mine.images, theirs.images)

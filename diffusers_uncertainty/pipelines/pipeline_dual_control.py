@@ -533,14 +533,19 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 condition = torch.cat([condition] * num_branches)
             return condition
 
-        controlnet_cond = [expand(one_hot), expand(uncertainty)]
         if labels is not None:
             repeat_by = total if labels.shape[0] == 1 else num_images_per_prompt
             labels = labels.repeat_interleave(repeat_by, dim=0)
         base_scales = [
-            semantic_conditioning_scale if one_hot is not None else 0.0,
-            uncertainty_conditioning_scale if uncertainty is not None else 0.0,
+            float(semantic_conditioning_scale) if one_hot is not None else 0.0,
+            float(uncertainty_conditioning_scale) if uncertainty is not None else 0.0,
         ]
+        # The conditioning embeddings depend on neither the timestep nor the latents: computed once here and reused
+        # at every step (the controlnet then skips its own embedding).
+        offload_hook = getattr(controlnet, "_hf_hook", None)
+        if offload_hook is not None:
+            offload_hook.pre_forward(controlnet)  # model CPU offload: weights onto the device, as a forward does
+        controlnet_cond = controlnet.embed_conditions([expand(one_hot), expand(uncertainty)], base_scales)
 
         # 4. Timesteps and 5. latents.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)

@@ -164,3 +164,31 @@ def test_condition_embeddings_are_made_once_per_call_and_match_the_stock_pipelin
     assert sorted(calls) == [0, 1]  # once per call, not once per step
     theirs = stock(image=[one_hot, uncertainty], generator=torch.Generator().manual_seed(0), **common)
     assert np.array_equal(mine.images, theirs.images)
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True], ids=["separate", "shared_trunk"])
+def test_compiled_unet_and_control_have_no_graph_break_and_no_recompile_from_step_to_step(shared_trunk):
+    from torch._dynamo.utils import counters
+
+    from diffusers_uncertainty import build_tiny_components
+
+    pipeline = StableDiffusionDualControlPipeline(**build_tiny_components(num_classes=4, shared_trunk=shared_trunk))
+    pipeline.set_progress_bar_config(disable=True)
+    labels = _labels(batch_size=2)
+    arguments = dict(semantic_map=labels, uncertainty_map=0.5, control_guidance_end=(1.0, 0.5))
+    eager = _run(pipeline, **arguments, num_inference_steps=4).images
+    torch._dynamo.reset()
+    counters.clear()
+    # fullgraph=True: a graph break inside either forward raises. The "eager" backend keeps the test quick; graph
+    # capture, breaks and guards are those of any backend.
+    pipeline.unet = torch.compile(pipeline.unet, fullgraph=True, backend="eager")
+    pipeline.controlnet = torch.compile(pipeline.controlnet, fullgraph=True, backend="eager")
+    compiled = _run(pipeline, **arguments, num_inference_steps=4).images
+    # One graph for the UNet and one per window configuration of the control (both branches, semantic only): none
+    # for the individual steps.
+    assert counters["stats"]["unique_graphs"] == 3
+    assert np.array_equal(compiled, eager)
+    # Another call, with other steps, timesteps, maps and seed, reuses the graphs.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        _run(pipeline, **dict(arguments, semantic_map=_labels(batch_size=2, seed=4)), num_inference_steps=6)
+    assert counters["stats"]["unique_graphs"] == 3

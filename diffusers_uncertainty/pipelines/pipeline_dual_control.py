@@ -14,6 +14,7 @@ from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionCo
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import is_compiled_module
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
@@ -194,10 +195,9 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         Validate the arguments of `__call__` that do not depend on the maps; raises `ValueError` naming the
         argument, what was expected and what came.
         """
-        if not isinstance(self.controlnet, UncertaintyControlNetModel):
-            raise ValueError(
-                f"`controlnet` must be an UncertaintyControlNetModel, but got {type(self.controlnet).__name__}."
-            )
+        controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
+        if not isinstance(controlnet, UncertaintyControlNetModel):
+            raise ValueError(f"`controlnet` must be an UncertaintyControlNetModel, but got {type(controlnet).__name__}.")
         for name, value in (("height", height), ("width", width)):
             if value % 8 != 0:
                 raise ValueError(
@@ -419,7 +419,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        controlnet = self.controlnet._orig_mod if hasattr(self.controlnet, "_orig_mod") else self.controlnet
+        controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
         control_guidance_start = _per_branch(control_guidance_start, "control_guidance_start")
         control_guidance_end = _per_branch(control_guidance_end, "control_guidance_end")
         size_source = None if height is not None and width is not None else self._size_source(semantic_map, uncertainty_map)

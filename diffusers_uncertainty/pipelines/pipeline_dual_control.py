@@ -442,7 +442,13 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         one_hot = labels = uncertainty = None
         if semantic_map is not None:
             one_hot, labels = prepare_semantic_map(
-                semantic_map, config.semantic_channels, height, width, ignore_index=config.ignore_index
+                semantic_map,
+                config.semantic_channels,
+                height,
+                width,
+                ignore_index=config.ignore_index,
+                device=self._execution_device,
+                dtype=controlnet.dtype,
             )
         if uncertainty_map is not None:
             uncertainty = prepare_uncertainty_map(uncertainty_map, config.uncertainty_channels, height, width)

@@ -72,6 +72,7 @@ def parse_args(input_args=None):
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the control(s)")
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend (eager: a quick check)")
     parser.add_argument("--sync_debug", action="store_true", help="count host syncs per step (CUDA only)")
     parser.add_argument("--memory", action="store_true", help="peak memory, one fresh process per configuration")
     parser.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # internal: one config's peak memory
@@ -242,7 +243,7 @@ def build_calls(args, names):
 
         def compile_once(module):
             if id(module) not in compiled:
-                compiled[id(module)] = torch.compile(module, mode=args.compile_mode)
+                compiled[id(module)] = torch.compile(module, mode=args.compile_mode, backend=args.compile_backend)
             return compiled[id(module)]
 
         for pipeline, _ in calls.values():
@@ -353,7 +354,7 @@ def main(args):
         f"machine: {device_name}, {os.cpu_count()} CPUs, torch {torch.__version__}, device={args.device}, "
         f"dtype={args.dtype}, resolution={args.resolution}, steps={args.steps}, rounds={args.rounds} "
         f"(+{args.warmup_rounds} warm-up), attention={args.attention}, classes={args.num_classes}, "
-        f"compile={args.compile}{f' ({args.compile_mode})' if args.compile_mode else ''}, CFG on (batch 2 through UNet "
+        f"compile={args.compile}{f' ({args.compile_backend}, mode {args.compile_mode})' if args.compile else ''}, CFG on (batch 2 through UNet "
         f"and controls); build {build_seconds:.1f} s, warm-up {warmup_seconds:.1f} s\n"
     )
     if step_names:

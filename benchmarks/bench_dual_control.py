@@ -246,7 +246,7 @@ def build_calls(args, names):
                 compiled[id(module)] = torch.compile(module, mode=args.compile_mode, backend=args.compile_backend)
             return compiled[id(module)]
 
-        for pipeline, _ in calls.values():
+        for pipeline in {id(pipeline): pipeline for pipeline, _ in calls.values()}.values():
             pipeline.unet = compile_once(pipeline.unet)
             if hasattr(pipeline, "controlnet"):
                 pipeline.controlnet = compile_once(pipeline.controlnet)

@@ -192,3 +192,45 @@ def test_compiled_unet_and_control_have_no_graph_break_and_no_recompile_from_ste
     with torch.compiler.set_stance("fail_on_recompile"):
         _run(pipeline, **dict(arguments, semantic_map=_labels(batch_size=2, seed=4)), num_inference_steps=6)
     assert counters["stats"]["unique_graphs"] == 3
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True], ids=["separate", "shared_trunk"])
+def test_denoising_steps_make_no_host_sync_outside_the_scheduler(shared_trunk, monkeypatch):
+    """On an accelerator these calls wait for the device; a step must not make any (diffusers' DDIMScheduler makes
+    two per step, `prev_timestep >= 0` on a device tensor, in the stock pipeline too)."""
+    import sys
+
+    from diffusers_uncertainty import build_tiny_components
+
+    pipeline = StableDiffusionDualControlPipeline(**build_tiny_components(num_classes=4, shared_trunk=shared_trunk))
+    pipeline.set_progress_bar_config(disable=True)
+    counting, calls = [False], {"scheduler": 0, "elsewhere": []}
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy", "nonzero", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if counting[0]:
+                caller = sys._getframe(1).f_code.co_filename
+                if "diffusers/schedulers" in caller.replace("\\", "/"):
+                    calls["scheduler"] += 1
+                else:
+                    calls["elsewhere"].append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        counting[0] = step < 3  # count from the end of step 0 to the end of step 3: steps 1, 2 (both on), 3 (one off)
+        return callback_kwargs
+
+    _run(
+        pipeline,
+        semantic_map=_labels(),
+        uncertainty_map=0.5,
+        num_inference_steps=4,
+        control_guidance_end=(1.0, 0.5),
+        callback_on_step_end=on_step_end,
+    )
+    assert calls["elsewhere"] == []
+    # The patch does see syncs: DDIMScheduler.step's two per step (`prev_timestep >= 0`, in `step` and `_get_variance`).
+    assert calls["scheduler"] == 2 * 3

@@ -1,7 +1,7 @@
 """diffusers-uncertainty: uncertainty-aware dual-control ControlNets for Hugging Face diffusers."""
 
 from .conditioning import prepare_semantic_map, prepare_uncertainty_map
-from .models import StyleEncoderModel, UncertaintyControlNetModel
+from .models import ConditionEmbeddings, StyleEncoderModel, UncertaintyControlNetModel
 from .pipelines import DualControlPipelineOutput, StableDiffusionDualControlPipeline
 from .registration import register_with_diffusers
 from .tiny import build_tiny_components, build_tiny_pipeline, write_tiny_tokenizer
@@ -14,6 +14,7 @@ register_with_diffusers(
 )
 
 __all__ = [
+    "ConditionEmbeddings",
     "DualControlPipelineOutput",
     "StableDiffusionDualControlPipeline",
     "StyleEncoderModel",

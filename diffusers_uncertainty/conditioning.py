@@ -68,6 +68,8 @@ def prepare_semantic_map(
     width: int,
     ignore_index: int | None = None,
     argument: str = "semantic_map",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     Resize label maps to `(height, width)` with nearest-neighbour and one-hot encode them.
@@ -83,10 +85,16 @@ def prepare_semantic_map(
             Label value of unlabeled pixels: they become all-zero one-hot vectors.
         argument (`str`, defaults to `"semantic_map"`):
             Name used in error messages.
+        device (`torch.device` or `str`, *optional*):
+            Where the one-hot maps are built (e.g. the pipeline's device): the integer labels travel there, not the
+            `C` times larger one-hot maps. Validation and the returned label maps stay on the CPU.
+        dtype (`torch.dtype`, defaults to `torch.float32`):
+            Dtype of the one-hot maps.
 
     Returns:
-        `tuple(torch.Tensor, torch.Tensor)`: the float32 one-hot maps `(B, C, height, width)` and the int64 label
-        maps `(B, height, width)` aligned with them (unlabeled pixels carry `ignore_index`).
+        `tuple(torch.Tensor, torch.Tensor)`: the one-hot maps `(B, C, height, width)` (0 and 1 in `dtype`, on
+        `device`) and the int64 label maps `(B, height, width)` on the CPU, aligned with them (unlabeled pixels carry
+        `ignore_index`).
     """
     if torch.is_tensor(semantic_map) and semantic_map.dtype.is_floating_point:
         if semantic_map.ndim != 4 or semantic_map.shape[1] != num_classes:
@@ -109,22 +117,26 @@ def prepare_semantic_map(
         labels = one_hot.argmax(dim=1)
         if ignore_index is not None:
             labels[unlabeled] = ignore_index
-        return one_hot, labels
+        return one_hot.to(device=device, dtype=dtype), labels
 
     labels = label_maps_to_tensor(semantic_map, argument)
-    valid = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        valid |= labels == ignore_index
-    if not bool(valid.all()):
-        bad = torch.unique(labels[~valid])[:10].tolist()
-        allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
-        raise ValueError(f"`{argument}` values must be in {allowed}, but found {bad}.")
+    low, high = (int(value) for value in labels.aminmax())
+    if low < 0 or high >= num_classes:  # one cheap pass when every label is a class; the full check otherwise
+        valid = (labels >= 0) & (labels < num_classes)
+        if ignore_index is not None:
+            valid |= labels == ignore_index
+        if not bool(valid.all()):
+            bad = torch.unique(labels[~valid])[:10].tolist()
+            allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+            raise ValueError(f"`{argument}` values must be in {allowed}, but found {bad}.")
     if labels.shape[1:] != (height, width):
         # Exact for integers below 2**24; "nearest-exact" picks the pixel whose centre is nearest.
         labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest-exact")[:, 0].long()
-    in_range = (labels >= 0) & (labels < num_classes)
-    one_hot = F.one_hot(torch.where(in_range, labels, 0), num_classes).permute(0, 3, 1, 2).float()
-    one_hot = one_hot * in_range[:, None].float()
+    # Comparing with the class indices gives the (B, C, H, W) layout directly; `ignore_index` (outside [0, C))
+    # matches no class, so unlabeled pixels are all zero.
+    device_labels = labels.to(device)
+    classes = torch.arange(num_classes, device=device_labels.device).view(1, num_classes, 1, 1)
+    one_hot = (device_labels[:, None] == classes).to(dtype)
     return one_hot, labels
 
 
@@ -197,7 +209,7 @@ def prepare_uncertainty_map(
     maps = torch.cat(maps)
     if torch.isnan(maps).any():
         raise ValueError(f"`{argument}` contains NaN values.")
-    low, high = maps.min().item(), maps.max().item()
+    low, high = (value.item() for value in maps.aminmax())
     if low < 0.0 or high > 1.0:
         raise ValueError(f"`{argument}` values must lie in [0, 1], but range from {low} to {high}.")
     if maps.shape[2:] != (height, width):

@@ -14,6 +14,8 @@ The reusable parts of `examples/generate_synthetic_dataset.py`:
 * **Label sources** ([`FolderLabelSource`], [`DatasetLabelSource`]), **uncertainty sources**
   ([`ConstantUncertainty`], [`UncertaintyBank`]) and the optional **style bank** ([`StyleBank`]: example images
   of the target domain, a few drawn per sample from its seed for a style encoder), validated before any generation.
+* **Overlap** ([`BackgroundShardWriter`]): PNG encoding and shard writing run on a worker thread while the next
+  shard generates, so the accelerator does not wait on them.
 * **Merging** ([`merge_shards`]): the shards become one `datasets` dataset saved with `save_to_disk` in the output
   folder, loadable with `datasets.load_from_disk(output_dir)`.
 
@@ -30,7 +32,8 @@ import math
 import os
 import random
 import shutil
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -936,6 +939,71 @@ def write_shard(columns: dict, path: str | os.PathLike) -> None:
     dataset = datasets.Dataset.from_dict(columns, features=dataset_features(style="style_images" in columns))
     dataset.to_parquet(temporary)
     os.replace(temporary, path)
+
+
+class BackgroundShardWriter:
+    r"""
+    Encode and write shards ([`shard_columns`] then [`write_shard`]) on one worker thread while the caller generates
+    the next shard: PNG encoding (zlib) and parquet writing release the GIL, so the accelerator is fed while the
+    previous batch is being stored. Shards are written in submission order, each atomically as before, so the files
+    are exactly those of a sequential loop.
+
+    At most `max_pending` shards wait or are being written (their decoded images are held in memory); `submit`
+    blocks beyond that. A failed write is raised again by the next `submit` or by `close`. As a context manager the
+    writer waits for every submitted shard on exit, also when the body raised, so no started shard is abandoned.
+
+    Args:
+        max_pending (`int`, defaults to 2):
+            Shards in flight; 1 still overlaps one shard's writing with the next shard's generation.
+    """
+
+    def __init__(self, max_pending: int = 2):
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"`max_pending` must be a positive integer, but got {max_pending!r}.")
+        self.max_pending = max_pending
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, path: str | os.PathLike, *shard_columns_args, **shard_columns_kwargs) -> None:
+        r"""
+        Queue `write_shard(shard_columns(*shard_columns_args, **shard_columns_kwargs), path)`.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                The shard's final path.
+            shard_columns_args, shard_columns_kwargs:
+                The arguments of [`shard_columns`].
+        """
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        self._pending.append(
+            self._executor.submit(_encode_and_write_shard, path, shard_columns_args, shard_columns_kwargs)
+        )
+
+    def close(self) -> None:
+        """Wait for every queued shard; raise the first failure."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+            return
+        # The body failed: still finish the shards already handed over, but report the body's error.
+        for future in self._pending:
+            future.exception()
+        self._pending.clear()
+        self._executor.shutdown(wait=True)
+
+
+def _encode_and_write_shard(path, shard_columns_args, shard_columns_kwargs):
+    write_shard(shard_columns(*shard_columns_args, **shard_columns_kwargs), path)
 
 
 def merge_shards(shard_paths: list[str | os.PathLike], output_dir: str | os.PathLike, cache_dir=None):

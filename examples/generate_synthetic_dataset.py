@@ -48,6 +48,7 @@ import diffusers
 from diffusers.utils.import_utils import is_xformers_available
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, StyleEncoderModel, UncertaintyControlNetModel
 from diffusers_uncertainty.synthesis import (
+    BackgroundShardWriter,
     ConstantUncertainty,
     FolderLabelSource,
     NoUncertainty,
@@ -61,11 +62,9 @@ from diffusers_uncertainty.synthesis import (
     plan_shards,
     plan_work_items,
     remove_temporary_shards,
-    shard_columns,
     shard_filename,
     shards_for_process,
     write_json_atomic,
-    write_shard,
 )
 from diffusers_uncertainty.synthetic_evaluation import (
     EVALUATION_ARGUMENTS,
@@ -498,26 +497,28 @@ def main(args):
         "semantic_conditioning_scale": args.semantic_conditioning_scale,
         "uncertainty_conditioning_scale": 0.0 if uncertainty_off else args.uncertainty_conditioning_scale,
     }
-    for shard_index in tqdm(mine, desc="Shards", disable=not show_progress):
-        items = shards[shard_index]
-        labels, uncertainty, codes, uncertainty_sources = maps.batch(items)
-        style_images = style_names = None
-        if style_bank is not None:
-            style_images, style_names = zip(*(style_bank.get(item.seed) for item in items))
-        images, aligned_labels = generate_batch(
-            pipeline, items, labels, uncertainty, **generation, **style_arguments(style_images, args)
-        )
-        columns = shard_columns(
-            items,
-            images,
-            aligned_labels,
-            codes,
-            uncertainty_sources,
-            [label_source.name(item.label_id) for item in items],
-            {**generation, "style_guidance_scale": args.style_guidance_scale},
-            style_names=style_names,
-        )
-        write_shard(columns, os.path.join(shard_dir, shard_filename(shard_index, len(shards))))
+    # PNG encoding and the parquet write of a shard run on a worker thread while the next shard generates.
+    with BackgroundShardWriter() as writer:
+        for shard_index in tqdm(mine, desc="Shards", disable=not show_progress):
+            items = shards[shard_index]
+            labels, uncertainty, codes, uncertainty_sources = maps.batch(items)
+            style_images = style_names = None
+            if style_bank is not None:
+                style_images, style_names = zip(*(style_bank.get(item.seed) for item in items))
+            images, aligned_labels = generate_batch(
+                pipeline, items, labels, uncertainty, **generation, **style_arguments(style_images, args)
+            )
+            writer.submit(
+                os.path.join(shard_dir, shard_filename(shard_index, len(shards))),
+                items,
+                images,
+                aligned_labels,
+                codes,
+                uncertainty_sources,
+                [label_source.name(item.label_id) for item in items],
+                {**generation, "style_guidance_scale": args.style_guidance_scale},
+                style_names=style_names,
+            )
     accelerator.wait_for_everyone()
 
     # 5. Merge, card, upload (main process).

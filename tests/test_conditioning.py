@@ -104,3 +104,15 @@ def test_uncertainty_is_resized_bilinearly_and_stays_in_range():
 def test_bad_uncertainty_maps_are_rejected_with_the_reason(value, message):
     with pytest.raises(ValueError, match=message):
         prepare_uncertainty_map(value, 1, 4, 4)
+
+
+def test_one_hot_equals_torch_one_hot_in_the_asked_dtype_and_layout():
+    labels = torch.randint(0, 6, (3, 24, 32), generator=torch.Generator().manual_seed(0))
+    labels[0, :5] = 6  # ignore_index
+    reference = torch.nn.functional.one_hot(torch.where(labels == 6, 0, labels), 6).permute(0, 3, 1, 2).float()
+    reference[:, :][(labels == 6)[:, None].expand(-1, 6, -1, -1)] = 0
+    one_hot, returned = prepare_semantic_map(labels, 6, 24, 32, ignore_index=6)
+    assert torch.equal(one_hot, reference) and one_hot.is_contiguous()
+    assert torch.equal(returned, labels)
+    half, _ = prepare_semantic_map(labels, 6, 24, 32, ignore_index=6, device="cpu", dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half.float(), reference)

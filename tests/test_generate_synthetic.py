@@ -563,3 +563,57 @@ def test_style_bank_serves_images_with_the_channels_it_checked(tmp_path):
     assert prepare_style_images(images, in_channels=1, image_size=8).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"expects 3-channel images .* has 1 channels"):
         StyleBank(folder, 2, in_channels=3, show_progress=False)
+
+
+def _shard_arguments(index):
+    items = plan_work_items(num_labels=1, samples_per_label=2, seed=index)
+    rng = np.random.default_rng(index)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in items]
+    settings = dict(prompt="p", num_inference_steps=1, guidance_scale=1.0, semantic_conditioning_scale=1.0,
+                    uncertainty_conditioning_scale=1.0)
+    labels = rng.integers(0, 4, (2, 8, 8))
+    codes = rng.integers(0, 65535, (2, 8, 8)).astype(np.uint16)
+    return items, images, labels, codes, ["level:0.5"] * 2, ["x.png"] * 2, settings
+
+
+def test_background_writer_writes_the_files_of_the_sequential_loop_while_the_caller_goes_on(tmp_path, monkeypatch):
+    import threading
+
+    from diffusers_uncertainty.synthesis import BackgroundShardWriter
+
+    for index in range(3):
+        write_shard(shard_columns(*_shard_arguments(index)), tmp_path / f"sequential-{index}.parquet")
+    release, started = threading.Event(), []
+    original = datasets.Dataset.to_parquet
+
+    def held_to_parquet(self, path, **kwargs):
+        started.append(path)
+        assert release.wait(timeout=30)
+        return original(self, path, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", held_to_parquet)
+    with BackgroundShardWriter(max_pending=3) as writer:
+        for index in range(3):
+            writer.submit(tmp_path / f"background-{index}.parquet", *_shard_arguments(index))
+        # All three handed over while the first write is still held: the caller was free to generate meanwhile.
+        assert not (tmp_path / "background-0.parquet").exists()
+        release.set()
+    for index in range(3):
+        assert (tmp_path / f"background-{index}.parquet").read_bytes() == (tmp_path / f"sequential-{index}.parquet").read_bytes()
+    assert [os.path.basename(path) for path in started] == [f"background-{index}.parquet.tmp" for index in range(3)]
+
+
+def test_background_writer_raises_a_failed_write_and_leaves_no_half_written_shard(tmp_path, monkeypatch):
+    from diffusers_uncertainty.synthesis import BackgroundShardWriter
+
+    def failing_to_parquet(self, path, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", failing_to_parquet)
+    with pytest.raises(OSError, match="disk full"):
+        with BackgroundShardWriter(max_pending=1) as writer:
+            writer.submit(tmp_path / "a.parquet", *_shard_arguments(0))
+            writer.submit(tmp_path / "b.parquet", *_shard_arguments(1))  # waits for a, whose error surfaces here
+    assert not (tmp_path / "a.parquet").exists() and not (tmp_path / "b.parquet").exists()
+    with pytest.raises(ValueError, match="`max_pending` must be a positive integer, but got 0"):
+        BackgroundShardWriter(max_pending=0)

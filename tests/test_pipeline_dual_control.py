@@ -138,3 +138,99 @@ def test_a_controlnet_that_is_not_dual_is_refused(tiny_components):
     tiny_components["controlnet"] = ControlNetModel.from_unet(tiny_components["unet"])
     with pytest.raises(ValueError, match="`controlnet` must be an UncertaintyControlNetModel, but got ControlNetModel"):
         StableDiffusionDualControlPipeline(**tiny_components)
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True], ids=["separate", "shared_trunk"])
+def test_condition_embeddings_are_made_once_per_call_and_match_the_stock_pipeline_with_windows(shared_trunk):
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from diffusers_uncertainty import build_tiny_components, prepare_semantic_map
+
+    components = build_tiny_components(num_classes=4, ignore_index=255, shared_trunk=shared_trunk)
+    ours = StableDiffusionDualControlPipeline(**components)
+    stock = StableDiffusionControlNetPipeline(**components, requires_safety_checker=False)
+    for pipeline in (ours, stock):
+        pipeline.set_progress_bar_config(disable=True)
+    embeddings = [m for m in components["controlnet"].modules() if isinstance(m, ControlNetConditioningEmbedding)]
+    calls = []
+    for index, module in enumerate(embeddings):
+        module.conv_in.register_forward_hook(lambda *args, index=index: calls.append(index))
+    labels = _labels(batch_size=2)
+    uncertainty = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    one_hot, _ = prepare_semantic_map(labels, 4, 16, 16)
+    common = dict(prompt=["a scan"] * 2, num_inference_steps=4, output_type="np", control_guidance_end=[1.0, 0.5])
+    mine = ours(semantic_map=labels, uncertainty_map=uncertainty, generator=torch.Generator().manual_seed(0), **common)
+    assert sorted(calls) == [0, 1]  # once per call, not once per step
+    theirs = stock(image=[one_hot, uncertainty], generator=torch.Generator().manual_seed(0), **common)
+    assert np.array_equal(mine.images, theirs.images)
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True], ids=["separate", "shared_trunk"])
+def test_compiled_unet_and_control_have_no_graph_break_and_no_recompile_from_step_to_step(shared_trunk):
+    from torch._dynamo.utils import counters
+
+    from diffusers_uncertainty import build_tiny_components
+
+    pipeline = StableDiffusionDualControlPipeline(**build_tiny_components(num_classes=4, shared_trunk=shared_trunk))
+    pipeline.set_progress_bar_config(disable=True)
+    labels = _labels(batch_size=2)
+    arguments = dict(semantic_map=labels, uncertainty_map=0.5, control_guidance_end=(1.0, 0.5))
+    eager = _run(pipeline, **arguments, num_inference_steps=4).images
+    torch._dynamo.reset()
+    counters.clear()
+    # fullgraph=True: a graph break inside either forward raises. The "eager" backend keeps the test quick; graph
+    # capture, breaks and guards are those of any backend.
+    pipeline.unet = torch.compile(pipeline.unet, fullgraph=True, backend="eager")
+    pipeline.controlnet = torch.compile(pipeline.controlnet, fullgraph=True, backend="eager")
+    compiled = _run(pipeline, **arguments, num_inference_steps=4).images
+    # One graph for the UNet and one per window configuration of the control (both branches, semantic only): none
+    # for the individual steps.
+    assert counters["stats"]["unique_graphs"] == 3
+    assert np.array_equal(compiled, eager)
+    # Another call, with other steps, timesteps, maps and seed, reuses the graphs.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        _run(pipeline, **dict(arguments, semantic_map=_labels(batch_size=2, seed=4)), num_inference_steps=6)
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True], ids=["separate", "shared_trunk"])
+def test_denoising_steps_make_no_host_sync_outside_the_scheduler(shared_trunk, monkeypatch):
+    """On an accelerator these calls wait for the device; a step must not make any (diffusers' DDIMScheduler makes
+    two per step, `prev_timestep >= 0` on a device tensor, in the stock pipeline too)."""
+    import sys
+
+    from diffusers_uncertainty import build_tiny_components
+
+    pipeline = StableDiffusionDualControlPipeline(**build_tiny_components(num_classes=4, shared_trunk=shared_trunk))
+    pipeline.set_progress_bar_config(disable=True)
+    counting, calls = [False], {"scheduler": 0, "elsewhere": []}
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy", "nonzero", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if counting[0]:
+                caller = sys._getframe(1).f_code.co_filename
+                if "diffusers/schedulers" in caller.replace("\\", "/"):
+                    calls["scheduler"] += 1
+                else:
+                    calls["elsewhere"].append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        counting[0] = step < 3  # count from the end of step 0 to the end of step 3: steps 1, 2 (both on), 3 (one off)
+        return callback_kwargs
+
+    _run(
+        pipeline,
+        semantic_map=_labels(),
+        uncertainty_map=0.5,
+        num_inference_steps=4,
+        control_guidance_end=(1.0, 0.5),
+        callback_on_step_end=on_step_end,
+    )
+    assert calls["elsewhere"] == []
+    # The patch does see syncs: DDIMScheduler.step's two per step (`prev_timestep >= 0`, in `step` and `_get_variance`).
+    assert calls["scheduler"] == 2 * 3

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
 from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 
 from diffusers_uncertainty import (
     UncertaintyControlNetModel,
@@ -304,3 +305,70 @@ def test_pipeline_refuses_a_controlnet_whose_embedding_does_not_match_the_vae():
     components["controlnet"] = UncertaintyControlNetModel.from_unet(components["unet"], semantic_channels=4)
     with pytest.raises(ValueError, match=r"reduces its conditions by 8 .* latents are 1/2 of the image"):
         StableDiffusionDualControlPipeline(**components)
+
+
+@pytest.mark.parametrize(
+    "scales", [[0.8, 1.3], [0.8, 0.0], [0.0, 1.3]], ids=["both", "uncertainty-off", "semantic-off"]
+)
+def test_embeddings_made_once_give_exactly_the_residuals_of_the_conditions(controlnet, scales):
+    from diffusers_uncertainty import ConditionEmbeddings
+
+    inputs = _inputs(batch_size=1)
+    made_for = [0.8, 1.3]
+    with torch.no_grad():
+        # A classifier-free-guidance batch: three copies of the sample and of the conditions.
+        batch = dict(
+            sample=torch.cat([inputs["sample"]] * 3),
+            timestep=inputs["timestep"],
+            encoder_hidden_states=torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(5)),
+        )
+        raw = [torch.cat([cond] * 3) for cond in inputs["controlnet_cond"]]
+        embedded = controlnet.embed_conditions(raw, made_for)
+        assert isinstance(embedded, ConditionEmbeddings)
+        expected = controlnet(**batch, controlnet_cond=raw, conditioning_scale=scales)
+        # Counted at their first convolution: a separate branch's embedding module passes an embedding through.
+        embedding_calls = [
+            _count_calls(module.conv_in)
+            for module in controlnet.modules()
+            if isinstance(module, ControlNetConditioningEmbedding)
+        ]
+        assert len(embedding_calls) == 2
+        got = controlnet(**batch, controlnet_cond=embedded, conditioning_scale=scales)
+    assert sum(len(calls) for calls in embedding_calls) == 0
+    _assert_residuals_equal(got, expected)
+
+
+def test_separate_branches_skip_their_own_embedding_when_given_embeddings():
+    model = build_tiny_components(num_classes=4)["controlnet"].eval()
+    inputs = _inputs()
+    inner = [_count_calls(net.controlnet_cond_embedding.conv_in) for net in model.nets]
+    with torch.no_grad():
+        embedded = model.embed_conditions(inputs["controlnet_cond"], [1.0, 1.0])
+        assert [len(calls) for calls in inner] == [1, 1]
+        for _ in range(3):
+            model(**{**inputs, "controlnet_cond": embedded}, conditioning_scale=[1.0, 1.0])
+    assert [len(calls) for calls in inner] == [1, 1]
+    # The branches stay ordinary ControlNets: fed a tensor, they embed it as diffusers does.
+    reference = ControlNetModel.from_config(model.semantic_controlnet.config)
+    reference.load_state_dict(model.semantic_controlnet.state_dict())
+    cond_inputs = dict(inputs, controlnet_cond=inputs["controlnet_cond"][0])
+    with torch.no_grad():
+        _assert_residuals_equal(
+            model.semantic_controlnet(**cond_inputs, return_dict=False),
+            reference.eval()(**cond_inputs, return_dict=False),
+        )
+
+
+def test_embeddings_refuse_another_scale_or_batch(controlnet):
+    inputs = _inputs()
+    with torch.no_grad():
+        embedded = controlnet.embed_conditions(inputs["controlnet_cond"], [1.0, 0.5])
+        step = dict(inputs, controlnet_cond=embedded)
+        with pytest.raises(ValueError, match="The uncertainty embedding was made for conditioning scale 0.5; a step can use that scale or 0, but got 0.7"):
+            controlnet(**step, conditioning_scale=[1.0, 0.7])
+        with pytest.raises(ValueError, match=r"The semantic embedding has batch size 2, but `sample` has 4\."):
+            controlnet(**dict(step, sample=torch.cat([inputs["sample"]] * 2)), conditioning_scale=[1.0, 0.5])
+        with pytest.raises(ValueError, match="`conditioning_scale` must hold Python numbers, but got Tensor"):
+            controlnet.embed_conditions(inputs["controlnet_cond"], [torch.tensor(1.0), 0.5])
+        with pytest.raises(ValueError, match=r"The semantic condition must have shape \(B, 4, H, W\), but got \(2, 3, 16, 16\)"):
+            controlnet.embed_conditions([inputs["controlnet_cond"][0][:, :3], None], [1.0, 0.0])

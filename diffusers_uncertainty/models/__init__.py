@@ -1,7 +1,8 @@
 from .style_encoder import StyleEncoderModel, StyleEncoderOutput, combine_text_and_style, prepare_style_images
-from .uncertainty_controlnet import UncertaintyControlNetModel
+from .uncertainty_controlnet import ConditionEmbeddings, UncertaintyControlNetModel
 
 __all__ = [
+    "ConditionEmbeddings",
     "StyleEncoderModel",
     "StyleEncoderOutput",
     "UncertaintyControlNetModel",

@@ -10,10 +10,13 @@
 * a per-sample `semantic_mask` that switches the semantic branch off for samples without a label
   (mixed labeled/unlabeled training batches);
 * a `shared_trunk` variant: one ControlNet trunk fed by the sum of the two (scaled) conditioning
-  embeddings, dual control for about the price of one ControlNet pass.
+  embeddings, dual control for about the price of one ControlNet pass;
+* `embed_conditions`: the conditioning embeddings (which depend on neither the timestep nor the latents) computed
+  once per pipeline call and reused at every denoising step.
 """
 
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -43,6 +46,57 @@ def _controlnet_kwargs(controlnet: ControlNetModel) -> dict:
 def _is_zero(scale) -> bool:
     """True for a Python number equal to 0: such a branch is skipped. Tensors are never skipped (no host sync)."""
     return isinstance(scale, (int, float)) and scale == 0
+
+
+class _EmbeddedCondition:
+    """A branch's conditioning embedding computed beforehand, handed to its `ControlNetModel` as `controlnet_cond`."""
+
+    __slots__ = ("embedding",)
+
+    def __init__(self, embedding: torch.Tensor):
+        self.embedding = embedding
+
+
+class _ReusableConditioningEmbedding(ControlNetConditioningEmbedding):
+    """`ControlNetConditioningEmbedding` that passes an `_EmbeddedCondition` through unchanged.
+
+    `ControlNetModel.forward` always embeds its `controlnet_cond`; this lets a separate branch reuse an embedding
+    computed once per call. Same parameters and state-dict keys; a tensor is embedded exactly as before.
+    """
+
+    def forward(self, conditioning):
+        if isinstance(conditioning, _EmbeddedCondition):
+            return conditioning.embedding
+        return super().forward(conditioning)
+
+
+def _make_embedding_reusable(controlnet: ControlNetModel) -> None:
+    # Only diffusers' own embedding class is converted (a subclass or an Identity trunk embedding is left alone),
+    # and only for RGB channel order: for "bgr" ControlNetModel.forward flips `controlnet_cond` before embedding it.
+    embedding = controlnet.controlnet_cond_embedding
+    if type(embedding) is ControlNetConditioningEmbedding and controlnet.config.controlnet_conditioning_channel_order == "rgb":
+        embedding.__class__ = _ReusableConditioningEmbedding
+
+
+@dataclass
+class ConditionEmbeddings:
+    r"""
+    The conditioning embeddings of both branches, from [`~UncertaintyControlNetModel.embed_conditions`]; pass it as
+    `controlnet_cond` to the model's forward instead of the two condition tensors.
+
+    Args:
+        embeddings (`tuple` of two `torch.Tensor` or `None`):
+            `(semantic, uncertainty)`, `None` for a branch that was not embedded (scale 0 or no condition). Separate
+            branches: `E(condition)` (the branch's ControlNet scales its residuals). Shared trunk: `scale * E(condition)`.
+        scales (`tuple` of two `float`):
+            The conditioning scales the embeddings were made for.
+        summed (`torch.Tensor`, *optional*):
+            Shared trunk with both branches embedded: the sum of the two scaled embeddings, the trunk's input.
+    """
+
+    embeddings: tuple
+    scales: tuple
+    summed: torch.Tensor | None = None
 
 
 class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMixin):
@@ -121,6 +175,8 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
             self.uncertainty_controlnet = ControlNetModel(
                 **dict(uncertainty_controlnet_config or controlnet_config), conditioning_channels=uncertainty_channels
             )
+            _make_embedding_reusable(self.semantic_controlnet)
+            _make_embedding_reusable(self.uncertainty_controlnet)
 
     # ------------------------------------------------------------------------------------------------ views
     @property
@@ -265,6 +321,8 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
             trunk.controlnet_cond_embedding = nn.Identity()
             model.trunk = trunk
         else:
+            for controlnet in (semantic_controlnet, uncertainty_controlnet):
+                _make_embedding_reusable(controlnet)
             model.semantic_controlnet = semantic_controlnet
             model.uncertainty_controlnet = uncertainty_controlnet
         return model
@@ -322,13 +380,102 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         # Skip MultiControlNetModel.from_pretrained (folder-per-net layout) and use ModelMixin's.
         return super(MultiControlNetModel, cls).from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    # ------------------------------------------------------------------------------------- conditioning
+    def _check_conditions(self, controlnet_cond, conditioning_scale, batch_size: int | None) -> None:
+        """Validate `[semantic, uncertainty]` conditions and scales (shapes only: no host sync)."""
+        if not isinstance(controlnet_cond, (list, tuple)) or len(controlnet_cond) != 2:
+            raise ValueError(
+                "`controlnet_cond` must be a list `[semantic, uncertainty]` of two tensors, but got "
+                f"{type(controlnet_cond).__name__}"
+                + (f" of length {len(controlnet_cond)}" if isinstance(controlnet_cond, (list, tuple)) else "")
+                + "."
+            )
+        if not isinstance(conditioning_scale, (list, tuple)) or len(conditioning_scale) != 2:
+            raise ValueError(
+                f"`conditioning_scale` must be a list `[semantic_scale, uncertainty_scale]`, but got {conditioning_scale!r}."
+            )
+        expected_channels = (self.config.semantic_channels, self.config.uncertainty_channels)
+        for name, cond, scale, channels in zip(
+            ("semantic", "uncertainty"), controlnet_cond, conditioning_scale, expected_channels
+        ):
+            if _is_zero(scale):
+                continue
+            if (
+                cond is None
+                or cond.ndim != 4
+                or cond.shape[1] != channels
+                or (batch_size is not None and cond.shape[0] != batch_size)
+            ):
+                got = "None" if cond is None else tuple(cond.shape)
+                expected = f"({batch_size}, {channels}, H, W) to match `sample`" if batch_size else f"(B, {channels}, H, W)"
+                raise ValueError(f"The {name} condition must have shape {expected}, but got {got}.")
+
+    def embed_conditions(
+        self, controlnet_cond: list[torch.Tensor | None], conditioning_scale: list[float]
+    ) -> ConditionEmbeddings:
+        r"""
+        The conditioning embeddings of both branches. They depend on neither the timestep nor the latents, so a
+        pipeline computes them once per call and passes the result as `controlnet_cond` at every denoising step; the
+        residuals are exactly those computed from the conditions themselves.
+
+        Pass the conditions of the whole batch the model will see (e.g. both classifier-free-guidance halves):
+        embedding one half and repeating it is not bitwise equal, since convolution kernels can depend on the batch
+        size.
+
+        Args:
+            controlnet_cond (`list` of two `torch.Tensor`):
+                `[semantic, uncertainty]` conditions as for `forward`; an entry may be `None` when its scale is 0.
+            conditioning_scale (`list` of two `float`):
+                `[s_sem, s_unc]`, Python numbers. A branch at 0 is not embedded. At each step `forward` accepts for
+                each branch this scale or 0 (a branch outside its guidance window).
+        """
+        self._check_conditions(controlnet_cond, conditioning_scale, batch_size=None)
+        for scale in conditioning_scale:
+            if not isinstance(scale, (int, float)):
+                raise ValueError(f"`conditioning_scale` must hold Python numbers, but got {type(scale).__name__}.")
+        embeddings = []
+        if self.config.shared_trunk:
+            modules = (self.semantic_embedding, self.uncertainty_embedding)
+            for cond, scale, module in zip(controlnet_cond, conditioning_scale, modules):
+                embeddings.append(None if _is_zero(scale) else module(cond) * scale)
+            summed = None if None in embeddings else embeddings[0] + embeddings[1]
+            return ConditionEmbeddings(tuple(embeddings), tuple(conditioning_scale), summed)
+        for cond, scale, net in zip(controlnet_cond, conditioning_scale, self.nets):
+            if _is_zero(scale):
+                embeddings.append(None)
+            elif isinstance(net.controlnet_cond_embedding, _ReusableConditioningEmbedding):
+                embeddings.append(net.controlnet_cond_embedding(cond))
+            else:  # the branch's ControlNet embeds its condition itself (see _make_embedding_reusable)
+                embeddings.append(cond)
+        return ConditionEmbeddings(tuple(embeddings), tuple(conditioning_scale))
+
+    def _check_embeddings(self, embedded: ConditionEmbeddings, conditioning_scale, batch_size: int) -> None:
+        if not isinstance(conditioning_scale, (list, tuple)) or len(conditioning_scale) != 2:
+            raise ValueError(
+                f"`conditioning_scale` must be a list `[semantic_scale, uncertainty_scale]`, but got {conditioning_scale!r}."
+            )
+        for name, embedding, made_for, scale in zip(
+            ("semantic", "uncertainty"), embedded.embeddings, embedded.scales, conditioning_scale
+        ):
+            if _is_zero(scale):
+                continue
+            if embedding is None or scale != made_for:
+                raise ValueError(
+                    f"The {name} embedding was made for conditioning scale {made_for}; a step can use that scale or 0, "
+                    f"but got {scale}."
+                )
+            if embedding.shape[0] != batch_size:
+                raise ValueError(
+                    f"The {name} embedding has batch size {embedding.shape[0]}, but `sample` has {batch_size}."
+                )
+
     # --------------------------------------------------------------------------------------------- forward
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        controlnet_cond: list[torch.Tensor],
+        controlnet_cond: list[torch.Tensor] | ConditionEmbeddings,
         conditioning_scale: list[float],
         class_labels: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
@@ -350,13 +497,14 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
                 The denoising timestep(s).
             encoder_hidden_states (`torch.Tensor`):
                 Text (or style) embeddings for cross-attention.
-            controlnet_cond (`list` of two `torch.Tensor`):
+            controlnet_cond (`list` of two `torch.Tensor`, or [`ConditionEmbeddings`]):
                 `[semantic, uncertainty]` conditions at image resolution: the one-hot label map
                 `(batch, semantic_channels, H, W)` and the uncertainty map `(batch, uncertainty_channels, H, W)`.
-                An entry may be `None` when its scale is 0.
+                An entry may be `None` when its scale is 0. Or their embeddings from
+                [`~UncertaintyControlNetModel.embed_conditions`], made once per pipeline call.
             conditioning_scale (`list` of two `float`):
                 `[s_sem, s_unc]`. A branch whose scale is the number 0 is not computed; the result is identical to
-                computing it and multiplying by 0.
+                computing it and multiplying by 0. With embeddings, each scale is the one they were made for, or 0.
             class_labels, timestep_cond, attention_mask, added_cond_kwargs, cross_attention_kwargs, guess_mode:
                 As in `ControlNetModel.forward`.
             return_dict (`bool`, defaults to `True`):
@@ -365,37 +513,20 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
             semantic_mask (`torch.Tensor`, *optional*):
                 Boolean tensor of shape `(batch,)`. Where `False`, the semantic branch contributes nothing for that
                 sample (an unlabeled sample in a mixed batch); in separate mode it is computed only for the `True`
-                samples.
+                samples. Reading the mask is a host sync (training only; the pipelines do not pass one).
 
         Returns:
             `tuple`: `(down_block_res_samples, mid_block_res_sample)`, the summed residuals for the UNet.
         """
-        if not isinstance(controlnet_cond, (list, tuple)) or len(controlnet_cond) != 2:
-            raise ValueError(
-                "`controlnet_cond` must be a list `[semantic, uncertainty]` of two tensors, but got "
-                f"{type(controlnet_cond).__name__}"
-                + (f" of length {len(controlnet_cond)}" if isinstance(controlnet_cond, (list, tuple)) else "")
-                + "."
-            )
-        if not isinstance(conditioning_scale, (list, tuple)) or len(conditioning_scale) != 2:
-            raise ValueError(
-                f"`conditioning_scale` must be a list `[semantic_scale, uncertainty_scale]`, but got {conditioning_scale!r}."
-            )
         batch_size = sample.shape[0]
-        semantic_cond, uncertainty_cond = controlnet_cond
+        embedded = controlnet_cond if isinstance(controlnet_cond, ConditionEmbeddings) else None
+        if embedded is not None:
+            self._check_embeddings(embedded, conditioning_scale, batch_size)
+            semantic_cond, uncertainty_cond = embedded.embeddings
+        else:
+            self._check_conditions(controlnet_cond, conditioning_scale, batch_size)
+            semantic_cond, uncertainty_cond = controlnet_cond
         semantic_scale, uncertainty_scale = conditioning_scale
-        expected_channels = (self.config.semantic_channels, self.config.uncertainty_channels)
-        for name, cond, scale, channels in zip(
-            ("semantic", "uncertainty"), controlnet_cond, conditioning_scale, expected_channels
-        ):
-            if _is_zero(scale):
-                continue
-            if cond is None or cond.ndim != 4 or cond.shape[1] != channels or cond.shape[0] != batch_size:
-                got = "None" if cond is None else tuple(cond.shape)
-                raise ValueError(
-                    f"The {name} condition must have shape ({batch_size}, {channels}, H, W) to match `sample`, "
-                    f"but got {got}."
-                )
 
         # A sample whose semantic switch is off gets no semantic control.
         semantic_index = None
@@ -426,30 +557,51 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         )
         if self.config.shared_trunk:
             return self._forward_shared(
-                sample, semantic_cond, uncertainty_cond, semantic_scale, uncertainty_scale, semantic_mask, net_kwargs
+                sample,
+                semantic_cond,
+                uncertainty_cond,
+                semantic_scale,
+                uncertainty_scale,
+                semantic_mask,
+                net_kwargs,
+                embedded,
             )
+
+        def branch_input(net, cond):
+            # An embedding made by embed_conditions goes past the branch's own conditioning embedding.
+            if embedded is not None and isinstance(net.controlnet_cond_embedding, _ReusableConditioningEmbedding):
+                return _EmbeddedCondition(cond)
+            return cond
 
         results = []
         if not _is_zero(semantic_scale):
+            net = self.semantic_controlnet
             if semantic_index is None:
                 results.append(
-                    self.semantic_controlnet(
-                        sample=sample, controlnet_cond=semantic_cond, conditioning_scale=semantic_scale, **net_kwargs
+                    net(
+                        sample=sample,
+                        controlnet_cond=branch_input(net, semantic_cond),
+                        conditioning_scale=semantic_scale,
+                        **net_kwargs,
                     )
                 )
             else:
                 subset_kwargs = {key: _take(value, semantic_index, batch_size) for key, value in net_kwargs.items()}
-                down, mid = self.semantic_controlnet(
+                down, mid = net(
                     sample=sample[semantic_index],
-                    controlnet_cond=semantic_cond[semantic_index],
+                    controlnet_cond=branch_input(net, semantic_cond[semantic_index]),
                     conditioning_scale=semantic_scale,
                     **subset_kwargs,
                 )
                 results.append(_scatter((down, mid), semantic_index, batch_size))
         if not _is_zero(uncertainty_scale):
+            net = self.uncertainty_controlnet
             results.append(
-                self.uncertainty_controlnet(
-                    sample=sample, controlnet_cond=uncertainty_cond, conditioning_scale=uncertainty_scale, **net_kwargs
+                net(
+                    sample=sample,
+                    controlnet_cond=branch_input(net, uncertainty_cond),
+                    conditioning_scale=uncertainty_scale,
+                    **net_kwargs,
                 )
             )
         if not results:
@@ -462,16 +614,35 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         return down_block_res_samples, mid_block_res_sample
 
     def _forward_shared(
-        self, sample, semantic_cond, uncertainty_cond, semantic_scale, uncertainty_scale, semantic_mask, net_kwargs
+        self,
+        sample,
+        semantic_cond,
+        uncertainty_cond,
+        semantic_scale,
+        uncertainty_scale,
+        semantic_mask,
+        net_kwargs,
+        embedded=None,
     ):
-        embedding = None
-        if not _is_zero(semantic_scale):
-            embedding = self.semantic_embedding(semantic_cond) * semantic_scale
-            if semantic_mask is not None:
-                embedding = embedding * semantic_mask.to(embedding.dtype).view(-1, 1, 1, 1)
-        if not _is_zero(uncertainty_scale):
-            uncertainty_embedding = self.uncertainty_embedding(uncertainty_cond) * uncertainty_scale
-            embedding = uncertainty_embedding if embedding is None else embedding + uncertainty_embedding
+        semantic_on, uncertainty_on = not _is_zero(semantic_scale), not _is_zero(uncertainty_scale)
+        if embedded is not None and semantic_on and uncertainty_on and semantic_mask is None:
+            embedding = embedded.summed
+        else:
+            # From embeddings (already scaled) or from the conditions, in the same operations and order.
+            embedding = None
+            if semantic_on:
+                embedding = (
+                    semantic_cond if embedded is not None else self.semantic_embedding(semantic_cond) * semantic_scale
+                )
+                if semantic_mask is not None:
+                    embedding = embedding * semantic_mask.to(embedding.dtype).view(-1, 1, 1, 1)
+            if uncertainty_on:
+                uncertainty_embedding = (
+                    uncertainty_cond
+                    if embedded is not None
+                    else self.uncertainty_embedding(uncertainty_cond) * uncertainty_scale
+                )
+                embedding = uncertainty_embedding if embedding is None else embedding + uncertainty_embedding
         if embedding is None:
             # Both scales 0: no control at all, so the trunk is not run either.
             return self.zero_residuals(sample)

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import inspect
+
 import numpy as np
 import PIL.Image
 import torch
@@ -14,7 +16,8 @@ from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionCo
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+from diffusers.utils.torch_utils import is_compiled_module
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
 from ..models.style_encoder import StyleEncoderModel, combine_text_and_style, prepare_style_images
@@ -86,13 +89,16 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             Turns `style_images` into style tokens for the UNet's and the controls' cross-attention (Style-Extracting
             Diffusion Models). Without it, or without `style_images`, the pipeline runs exactly as it would without
             style conditioning.
+        image_encoder (`CLIPVisionModelWithProjection`, *optional*):
+            Encodes `ip_adapter_image` for an IP-Adapter loaded with `load_ip_adapter` (as in diffusers' ControlNet
+            pipeline).
         requires_safety_checker (`bool`, defaults to `False`):
             Warn when no safety checker is given. Off by default: the outputs are medical and street-scene
             training data, not images for the public.
     """
 
-    model_cpu_offload_seq = "text_encoder->style_encoder->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor", "style_encoder"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->style_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "style_encoder", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -107,16 +113,20 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
         style_encoder: StyleEncoderModel | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         requires_safety_checker: bool = False,
     ):
-        # Not super().__init__: the parent also registers an IP-adapter image encoder this pipeline does not use.
+        # Not super().__init__: the parent wraps a list of ControlNets in a MultiControlNetModel. Any component may
+        # be None, as in diffusers' pipelines (e.g. only the text components, for `encode_prompt`); `__call__` then
+        # names what is missing.
         DiffusionPipeline.__init__(self)
-        if not isinstance(controlnet, UncertaintyControlNetModel):
+        if controlnet is not None and not isinstance(controlnet, UncertaintyControlNetModel):
             raise ValueError(
                 f"`controlnet` must be an UncertaintyControlNetModel, but got {type(controlnet).__name__}. Build one "
                 "with UncertaintyControlNetModel.from_unet(...) or .from_controlnets(semantic, uncertainty)."
             )
-        for net in {id(net): net for net in controlnet.nets}.values():
+        nets = {id(net): net for net in controlnet.nets}.values() if controlnet is not None and vae is not None else []
+        for net in nets:
             factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
             vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
             if factor != vae_factor:
@@ -128,7 +138,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         if style_encoder is not None:
             if not isinstance(style_encoder, StyleEncoderModel):
                 raise ValueError(f"`style_encoder` must be a StyleEncoderModel or None, but got {type(style_encoder).__name__}.")
-            if style_encoder.config.cross_attention_dim != unet.config.cross_attention_dim:
+            if unet is not None and style_encoder.config.cross_attention_dim != unet.config.cross_attention_dim:
                 raise ValueError(
                     f"`style_encoder` makes tokens of width {style_encoder.config.cross_attention_dim}, but the UNet's "
                     f"cross_attention_dim is {unet.config.cross_attention_dim}."
@@ -147,6 +157,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
             style_encoder=style_encoder,
+            image_encoder=image_encoder,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
@@ -177,6 +188,29 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             size = (self.unet.config.sample_size * self.vae_scale_factor,) * 2
         return height or int(size[0]), width or int(size[1])
 
+    def check_components(self, prompt, output_type, ip_adapter_image=None, ip_adapter_image_embeds=None):
+        r"""
+        Raise a `ValueError` naming the component a call needs but the pipeline was built without (diffusers'
+        pipelines may be built with only some components, e.g. the text components for `encode_prompt`).
+        """
+        needed = ["unet", "controlnet", "scheduler"]
+        if prompt is not None:
+            needed += ["text_encoder", "tokenizer"]
+        if output_type != "latent":
+            needed.append("vae")
+        if ip_adapter_image is not None:
+            needed.append("image_encoder")
+        for name in needed:
+            if getattr(self, name, None) is None:
+                raise ValueError(f"This call needs the pipeline's `{name}`, but the pipeline was built with {name}=None.")
+        if (ip_adapter_image is not None or ip_adapter_image_embeds is not None) and not hasattr(
+            self.unet.encoder_hid_proj, "image_projection_layers"
+        ):
+            raise ValueError(
+                "`ip_adapter_image` or `ip_adapter_image_embeds` was given, but the UNet has no IP-Adapter: load one "
+                "with `pipe.load_ip_adapter(...)` first."
+            )
+
     def check_dual_inputs(
         self,
         prompt,
@@ -189,15 +223,18 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         control_guidance_end,
         callback_on_step_end_tensor_inputs,
         size_source=None,
+        timesteps=None,
+        sigmas=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
     ):
         r"""
         Validate the arguments of `__call__` that do not depend on the maps; raises `ValueError` naming the
         argument, what was expected and what came.
         """
-        if not isinstance(self.controlnet, UncertaintyControlNetModel):
-            raise ValueError(
-                f"`controlnet` must be an UncertaintyControlNetModel, but got {type(self.controlnet).__name__}."
-            )
+        controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
+        if not isinstance(controlnet, UncertaintyControlNetModel):
+            raise ValueError(f"`controlnet` must be an UncertaintyControlNetModel, but got {type(controlnet).__name__}.")
         for name, value in (("height", height), ("width", width)):
             if value % 8 != 0:
                 raise ValueError(
@@ -230,6 +267,30 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 raise ValueError(
                     "`control_guidance_start` and `control_guidance_end` must satisfy 0 <= start < end <= 1 for each "
                     f"branch, but got start={control_guidance_start} and end={control_guidance_end}."
+                )
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
+        for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if values is not None and name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"`{name}` was given, but the scheduler {type(self.scheduler).__name__} does not take custom {name} "
+                    "in `set_timesteps`."
+                )
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("Pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
+        if ip_adapter_image_embeds is not None:
+            if not isinstance(ip_adapter_image_embeds, list) or not all(
+                torch.is_tensor(embeds) and embeds.ndim in (3, 4) for embeds in ip_adapter_image_embeds
+            ):
+                raise ValueError(
+                    "`ip_adapter_image_embeds` must be a list of 3D or 4D tensors (one per IP-Adapter), but got "
+                    f"{type(ip_adapter_image_embeds).__name__}"
+                    + (
+                        f" of {[tuple(e.shape) if torch.is_tensor(e) else type(e).__name__ for e in ip_adapter_image_embeds]}"
+                        if isinstance(ip_adapter_image_embeds, list)
+                        else ""
+                    )
+                    + "."
                 )
 
     def prepare_style_sets(self, style_images, batch_size: int, style_guidance_scale: float) -> list[torch.Tensor] | None:
@@ -337,6 +398,10 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         style_images=None,
         style_guidance_scale: float = 1.0,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         r"""
         Generate images from label maps and uncertainty maps.
@@ -412,6 +477,15 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 null) - e(neg, null)) + style_guidance_scale * (e(text, style) - e(text, null))`; with
                 `guidance_scale` <= 1, two: `e = e(text, null) + style_guidance_scale * (e(text, style) - e(text,
                 null))`. Not combined with `guess_mode`.
+            timesteps (`list[int]`, *optional*), sigmas (`list[float]`, *optional*):
+                Custom timesteps or sigmas for schedulers whose `set_timesteps` accepts them (as in diffusers'
+                pipelines); `num_inference_steps` is then ignored.
+            ip_adapter_image (*optional*):
+                Image(s) for the IP-Adapter(s) loaded with `load_ip_adapter` (needs an `image_encoder`), one per
+                adapter, as in diffusers' ControlNet pipeline. They act on the UNet.
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*):
+                Pre-computed IP-Adapter image embeddings, one tensor per adapter, `(batch, num_images, dim)` with the
+                negative embeddings first when guidance is on (as `prepare_ip_adapter_image_embeds` returns them).
 
         Returns:
             [`DualControlPipelineOutput`] or `tuple`.
@@ -419,7 +493,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        controlnet = self.controlnet._orig_mod if hasattr(self.controlnet, "_orig_mod") else self.controlnet
+        self.check_components(prompt, output_type, ip_adapter_image, ip_adapter_image_embeds)
+        controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
         control_guidance_start = _per_branch(control_guidance_start, "control_guidance_start")
         control_guidance_end = _per_branch(control_guidance_end, "control_guidance_end")
         size_source = None if height is not None and width is not None else self._size_source(semantic_map, uncertainty_map)
@@ -437,12 +512,22 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             control_guidance_end,
             callback_on_step_end_tensor_inputs,
             size_source=size_source,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
         config = controlnet.config
         one_hot = labels = uncertainty = None
         if semantic_map is not None:
             one_hot, labels = prepare_semantic_map(
-                semantic_map, config.semantic_channels, height, width, ignore_index=config.ignore_index
+                semantic_map,
+                config.semantic_channels,
+                height,
+                width,
+                ignore_index=config.ignore_index,
+                device=self._execution_device,
+                dtype=controlnet.dtype,
             )
         if uncertainty_map is not None:
             uncertainty = prepare_uncertainty_map(uncertainty_map, config.uncertainty_channels, height, width)
@@ -523,6 +608,19 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             branches.append(combine_text_and_style(prompt_embeds, style_embeds, mode))
             prompt_embeds = torch.cat(branches)
 
+        # IP-Adapter image embeddings, for the UNet only (as in StableDiffusionControlNetPipeline), in the order of
+        # the guidance branches: the negative image for the unconditional branch, the image for the others.
+        added_cond_kwargs = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
+            )
+            if num_branches == 3:
+                image_embeds = [torch.cat([*embeds.chunk(2), embeds.chunk(2)[1]]) for embeds in image_embeds]
+            elif num_branches == 2 and not self.do_classifier_free_guidance:  # style guidance alone: [null, style]
+                image_embeds = [torch.cat([embeds, embeds]) for embeds in image_embeds]
+            added_cond_kwargs = {"image_embeds": image_embeds}
+
         # 3. Conditions: repeated as StableDiffusionControlNetPipeline.prepare_image repeats its control images.
         def expand(condition):
             if condition is None:
@@ -533,17 +631,22 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 condition = torch.cat([condition] * num_branches)
             return condition
 
-        controlnet_cond = [expand(one_hot), expand(uncertainty)]
         if labels is not None:
             repeat_by = total if labels.shape[0] == 1 else num_images_per_prompt
             labels = labels.repeat_interleave(repeat_by, dim=0)
         base_scales = [
-            semantic_conditioning_scale if one_hot is not None else 0.0,
-            uncertainty_conditioning_scale if uncertainty is not None else 0.0,
+            float(semantic_conditioning_scale) if one_hot is not None else 0.0,
+            float(uncertainty_conditioning_scale) if uncertainty is not None else 0.0,
         ]
+        # The conditioning embeddings depend on neither the timestep nor the latents: computed once here and reused
+        # at every step (the controlnet then skips its own embedding).
+        offload_hook = getattr(controlnet, "_hf_hook", None)
+        if offload_hook is not None:
+            offload_hook.pre_forward(controlnet)  # model CPU offload: weights onto the device, as a forward does
+        controlnet_cond = controlnet.embed_conditions([expand(one_hot), expand(uncertainty)], base_scales)
 
         # 4. Timesteps and 5. latents.
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(
             total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
@@ -600,6 +703,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     encoder_hidden_states=prompt_embeds,
                     timestep_cond=timestep_cond,
                     cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
                     down_block_additional_residuals=down_block_res_samples,
                     mid_block_additional_residual=mid_block_res_sample,
                     return_dict=False,

@@ -47,8 +47,8 @@ PLACEMENTS = ("stream", "device")
 
 # Steps per throughput run (enough for a steady state after the scripts' warm-up steps) and model sizes, per device.
 SIZES = {
-    "cuda": {"resolution": 128, "segmenter_steps": 400, "base_vae_steps": 20, "base_unet_steps": 400,
-             "control_steps": 300, "batch": 32, "segmenter_batch": 16, "control_batch": 16,
+    "cuda": {"resolution": 128, "segmenter_steps": 300, "base_vae_steps": 10, "base_unet_steps": 200,
+             "control_steps": 100, "batch": 32, "segmenter_batch": 16, "control_batch": 16,
              "base_channels": [64, 128, 256]},
     "cpu": {"resolution": 64, "segmenter_steps": 30, "base_vae_steps": 4, "base_unet_steps": 30,
             "control_steps": 20, "batch": 8, "segmenter_batch": 8, "control_batch": 4,

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 
+import datasets
 import numpy as np
 import PIL.Image
 import torch
@@ -152,6 +153,7 @@ def run(mode, ours, stock, maps, label_source, items, batch_size, settings, fold
 
 
 def main(args):
+    datasets.disable_progress_bars()  # one bar per shard write, as in the script
     if args.threads:
         torch.set_num_threads(args.threads)
     build_start = time.perf_counter()

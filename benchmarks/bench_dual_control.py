@@ -369,6 +369,9 @@ def main(args):
         if "dual-unc-half" in step_times:
             rows += [("dual-unc-half, uncertainty on (window)", on_times), ("dual-unc-half, uncertainty off", off_times)]
         for name, times in rows:
+            if not times:  # e.g. no timed step inside the window with very few steps
+                print(f"| {name} | no timed step |")
+                continue
             median = statistics.median(times)
             ratio = f"{median / reference:.3f}" if reference else "-"
             row = f"| {name} | {median:.4f} | {ratio} |"

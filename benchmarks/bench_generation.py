@@ -16,8 +16,8 @@ with random weights (as `bench_dual_control.py`), initialised on `--device`. Eve
 warm-up and not timed. Reported: median wall time, images/s and the speed-up over the stock pipeline.
 
     python benchmarks/bench_generation.py --batch_sizes 1 4 16 --steps 10 --rounds 3 --threads 1
-    python benchmarks/bench_generation.py --architecture sd15 --device cuda --dtype float16 --resolution 512 \\
-        --batch_sizes 8 32 64 --steps 4 --rounds 2
+    python benchmarks/bench_generation.py --architecture sd15 --device cuda --dtype float16 --resolutions 128 512 \\
+        --batch_sizes 8 32 64 --steps 4 --rounds 2 --shards_per_batch_size 1
 """
 
 import argparse
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 
+import datasets
 import numpy as np
 import PIL.Image
 import torch
@@ -69,16 +70,18 @@ def parse_args(input_args=None):
     parser.add_argument("--shards_per_batch_size", type=int, default=2, help="pipeline calls per batch size and mode")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--resolution", type=int, default=32, help="image size, a multiple of 8")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[32], help="image sizes, multiples of 8")
     parser.add_argument("--width_multiplier", type=int, default=1, help="tiny: UNet/ControlNet widths x this")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode, the first one untimed")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per mode; the first is an untimed warm-up at the smallest batch"
+    )
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(input_args)
     if args.rounds < 2:
         raise ValueError(f"`--rounds` must be at least 2 (the first is a warm-up), but got {args.rounds}.")
-    if args.resolution % 8 != 0:
-        raise ValueError(f"`--resolution` must be a multiple of 8, but got {args.resolution}.")
+    if any(size <= 0 or size % 8 != 0 for size in args.resolutions):
+        raise ValueError(f"`--resolutions` must be positive multiples of 8, but got {args.resolutions}.")
     if min(args.batch_sizes) < 1 or args.shards_per_batch_size < 1:
         raise ValueError(
             f"`--batch_sizes` and `--shards_per_batch_size` must be positive, but got {args.batch_sizes} and "
@@ -152,6 +155,7 @@ def run(mode, ours, stock, maps, label_source, items, batch_size, settings, fold
 
 
 def main(args):
+    datasets.disable_progress_bars()  # one bar per shard write, as in the script
     if args.threads:
         torch.set_num_threads(args.threads)
     build_start = time.perf_counter()
@@ -177,43 +181,53 @@ def main(args):
             np.save(os.path.join(folder, "bank", f"{index}.npy"), rng.uniform(0, 1, (45, 60)).astype(np.float32))
         label_source = FolderLabelSource(os.path.join(folder, "labels"))
         bank = UncertaintyBank(os.path.join(folder, "bank"), show_progress=False)
-        maps = SampleMaps(label_source, bank, args.resolution, args.resolution)
 
-        times = {(mode, size): [] for mode in args.modes for size in args.batch_sizes}
-        identical = {}  # batch size -> whether every mode wrote byte-identical shards
-        for round_index in range(args.rounds):
-            for batch_size in args.batch_sizes:
-                count = batch_size * args.shards_per_batch_size
-                items = plan_work_items(num_labels, -(-count // num_labels), seed=round_index)[:count]
-                outputs = []
-                for mode in args.modes:
-                    elapsed, shards = run(
-                        mode, ours, stock, maps, label_source, items, batch_size, settings,
-                        os.path.join(folder, "shards"), args.device,
-                    )
-                    outputs.append(shards)
-                    if round_index > 0:
-                        times[(mode, batch_size)].append(elapsed)
-                identical[batch_size] = all(shards == outputs[0] for shards in outputs)
+        times = {key: [] for key in _keys(args)}
+        identical = {}  # (resolution, batch size) -> whether every mode wrote byte-identical shards
+        for resolution in args.resolutions:
+            maps = SampleMaps(label_source, bank, resolution, resolution)
+            for round_index in range(args.rounds):
+                # The warm-up round runs the smallest batch only: kernels and allocator warm up, at a small cost.
+                for batch_size in args.batch_sizes if round_index else [min(args.batch_sizes)]:
+                    count = batch_size * args.shards_per_batch_size
+                    items = plan_work_items(num_labels, -(-count // num_labels), seed=round_index)[:count]
+                    outputs = []
+                    for mode in args.modes:
+                        elapsed, shards = run(
+                            mode, ours, stock, maps, label_source, items, batch_size, settings,
+                            os.path.join(folder, "shards"), args.device,
+                        )
+                        outputs.append(shards)
+                        if round_index > 0:
+                            times[(resolution, mode, batch_size)].append(elapsed)
+                    identical[(resolution, batch_size)] = all(shards == outputs[0] for shards in outputs)
 
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"command: python {' '.join(sys.argv)}")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(
         f"machine: {device}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"{args.architecture} random weights, {args.dtype}, {args.resolution}x{args.resolution}, {args.steps} steps, "
+        f"{args.architecture} random weights, {args.dtype}, {args.steps} steps, "
         f"guidance {args.guidance_scale}, {args.shards_per_batch_size} shards per batch size, median of "
         f"{args.rounds - 1} timed rounds; build {build_seconds:.1f} s\n"
     )
-    print("| mode | images per call | images | median time (s) | images/s | x stock | shards identical across modes |")
-    print("|---|---|---|---|---|---|---|")
-    for batch_size in args.batch_sizes:
+    print("| resolution | mode | images per call | images | median time (s) | images/s | x stock | shards identical across modes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for resolution, mode, batch_size in _keys(args):
         count = batch_size * args.shards_per_batch_size
-        for mode in args.modes:
-            median = statistics.median(times[(mode, batch_size)])
-            reference = f"{statistics.median(times[('stock', batch_size)]) / median:.2f}x" if "stock" in args.modes else "-"
-            same = "yes" if identical[batch_size] else "no"
-            print(f"| {mode} | {batch_size} | {count} | {median:.2f} | {count / median:.2f} | {reference} | {same} |")
+        median = statistics.median(times[(resolution, mode, batch_size)])
+        reference = "-"
+        if "stock" in args.modes:
+            reference = f"{statistics.median(times[(resolution, 'stock', batch_size)]) / median:.2f}x"
+        same = "yes" if identical[(resolution, batch_size)] else "no"
+        print(
+            f"| {resolution} | {mode} | {batch_size} | {count} | {median:.2f} | {count / median:.2f} | {reference} | "
+            f"{same} |"
+        )
+
+
+def _keys(args):
+    return [(size, mode, batch) for size in args.resolutions for batch in args.batch_sizes for mode in args.modes]
 
 
 if __name__ == "__main__":

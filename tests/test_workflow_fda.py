@@ -11,8 +11,12 @@ CAMVID = Path(__file__).parents[1] / "examples" / "configs" / "camvid_daydusk.ya
 
 
 def test_fda_variant_reads_the_unlabeled_target_images_in_both_configs(tmp_path):
+    camvid_root = tmp_path / "camvid"  # the folders a data root must hold (the config names no shared path)
+    for folder in ("source/train", "source/val", "target/train", "target/val"):
+        (camvid_root / folder).mkdir(parents=True)
     for path in (None, CAMVID):
-        config = load_config(path, smoke=True, overrides={"output_dir": str(tmp_path)})
+        data = {"data": {"root": str(camvid_root)}} if path is not None else {}
+        config = load_config(path, smoke=True, overrides={"output_dir": str(tmp_path), **data})
         stages = {stage.name: stage for stage in plan(config)}
         args = stages["segmenter:fda"].args
         root = Path(config["data"]["root"]) if path is not None else tmp_path / "data"

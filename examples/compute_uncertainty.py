@@ -10,7 +10,7 @@ The images are decoded once and kept on the device; the maps are computed, resiz
 averaged there in batches of images of one size, and each batch is copied to the host once, to be written.
 
     accelerate launch examples/compute_uncertainty.py --model runs/source_only \
-        --data_dir ../shared/data/camvid_daydusk/target/train --resolution 128 --output_dir runs/uncertainty/target
+        --data_dir data/camvid_daydusk/target/train --resolution 128 --output_dir runs/uncertainty/target
 """
 
 import argparse

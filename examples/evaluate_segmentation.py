@@ -8,7 +8,7 @@ The images and labels are decoded once and kept on the device; predictions and t
 there in batches of images of one size, with no per-image copy to the host (panels excepted).
 
     accelerate launch examples/evaluate_segmentation.py --model runs/source_only \
-        --data_dir ../shared/data/camvid_daydusk/target/val --resolution 128 --output_dir runs/eval/target_val
+        --data_dir data/camvid_daydusk/target/val --resolution 128 --output_dir runs/eval/target_val
 """
 
 import argparse

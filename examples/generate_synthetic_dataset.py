@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # coding=utf-8
 # Licensed under the Apache License, Version 2.0.
-"""Generate a labeled, target-like synthetic dataset with a trained dual-control ControlNet (step 4 of DESIGN.md).
+"""Generate a labeled, target-like synthetic dataset with a trained dual-control ControlNet (the synthesis step of docs/method.md).
 
 For every source label map y and every sample index, draw an uncertainty map u (from a bank of real target maps, a
 constant level, or a scaled bank map) and generate x' = G(y, u); (x', y) is a labeled sample. The result is a
@@ -11,7 +11,7 @@ constant level, or a scaled bank map) and generate x' = G(y, u); (x', y) is a la
 
     accelerate launch examples/generate_synthetic_dataset.py \
         --pretrained_model_name_or_path path/to/pipeline-with-uncertainty-controlnet \
-        --label_dir ../shared/data/camvid_daydusk/source/train/labels \
+        --label_dir data/camvid_daydusk/source/train/labels \
         --uncertainty_bank maps/target/train --samples_per_label 4 --prompt "a street scene at dusk" \
         --resolution 240 320 --batch_size 8 --output_dir camvid-dusk-synthetic
 

@@ -16,13 +16,13 @@ The structure (argument names, accelerate setup, checkpointing with `--checkpoin
 `--resume_from_checkpoint`, trackers, Hub upload) follows diffusers' `examples/controlnet/train_controlnet.py`.
 
     accelerate launch examples/train_segmentation.py \
-        --train_data_dir ../shared/data/camvid_daydusk/source/train \
-        --validation_data_dir ../shared/data/camvid_daydusk/target/val \
+        --train_data_dir data/camvid_daydusk/source/train \
+        --validation_data_dir data/camvid_daydusk/target/val \
         --num_classes 11 --ignore_index 11 --resolution 128 --max_train_steps 300 --output_dir runs/source_only
 
     accelerate launch examples/train_segmentation.py --model latent_diffusion --base_model_name_or_path runs/base \
-        --adversarial_weight 0.1 --unlabeled_data_dir ../shared/data/camvid_daydusk/target/train \
-        --train_data_dir ../shared/data/camvid_daydusk/source/train --num_classes 11 --ignore_index 11 \
+        --adversarial_weight 0.1 --unlabeled_data_dir data/camvid_daydusk/target/train \
+        --train_data_dir data/camvid_daydusk/source/train --num_classes 11 --ignore_index 11 \
         --resolution 128 --max_train_steps 300 --output_dir runs/iccld
 """
 

@@ -1,4 +1,4 @@
-"""README, docs, configs and model cards name only what a user's machine has: nothing outside the repository."""
+"""README, docs, configs, example scripts and model cards name only what a user's machine has: nothing outside the repository."""
 
 import re
 from pathlib import Path
@@ -12,6 +12,7 @@ CHECKED = sorted(
     + list((REPO / "docs").rglob("*.md"))
     + list((REPO / "model_cards").rglob("*.md"))
     + list((REPO / "examples" / "configs").rglob("*.yaml"))
+    + list((REPO / "examples").glob("*.py"))  # the scripts ship in the wheel; their usage lines are read by users
     + list((REPO / "diffusers_uncertainty" / "configs").rglob("*.yaml"))
 )
 # Folders of the machine this project was developed on, which users do not have.

@@ -39,7 +39,7 @@ def test_no_path_leaves_the_repository(path):
         for match in RELATIVE_PATH.finditer(line):
             if not (path.parent / match.group(1)).resolve().is_relative_to(REPO):
                 problems.append(f"line {number}: {match.group(1)!r} leaves the repository")
-        for match in MARKDOWN_LINK.finditer(line):
+        for match in MARKDOWN_LINK.finditer(line) if path.suffix == ".md" else ():  # (code indexes look alike)
             target = match.group(1)
             if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
                 continue  # a web address or an anchor of this page

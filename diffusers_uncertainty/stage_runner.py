@@ -115,6 +115,23 @@ def _reset_accelerate_state() -> None:
 
 
 @contextlib.contextmanager
+def _library_handlers_to(stream):
+    """Point the stream handlers that libraries (diffusers, transformers, ...) attached to the process's stdout or
+    stderr at `stream` for the duration, so their messages land in the stage's log as in a launched process."""
+    standard = {id(sys.__stdout__), id(sys.__stderr__), *(id(proxy.fallback) for proxy in _stage_streams())}
+    moved = []
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler and id(handler.stream) in standard:
+                moved.append((handler, handler.setStream(stream)))
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            handler.setStream(previous)
+
+
+@contextlib.contextmanager
 def _stage_environment(environment: dict):
     changed = {name: value for name, value in environment.items() if os.environ.get(name) != value}
     saved = {name: os.environ.get(name) for name in changed}
@@ -155,7 +172,8 @@ def run_in_process(script: str | os.PathLike, flags: list[str], environment: dic
         # only the stage's handler and the level the scripts ask for.
         root.handlers, root.level = [handler], logging.INFO
         try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), _stage_environment(environment):
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), _stage_environment(environment), \
+                    _library_handlers_to(stderr):
                 module = load_script(script)
                 module.main(module.parse_args(flags))
         except SystemExit as error:

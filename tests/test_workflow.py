@@ -197,6 +197,8 @@ def test_in_process_stages_give_the_same_results_and_markers_as_accelerate_launc
         runs[mode] = out
         first_log = (out / "segmenters" / "source_only.log").read_text().splitlines()[1]
         assert first_log == ("(run in the workflow's process)" if mode else "(run with accelerate launch)")
+        # diffusers' own logger (configured before the stage) writes into the stage's log either way.
+        assert "Model weights saved in" in (out / "control.log").read_text()
 
     inside, launched = runs[True], runs[False]
     evaluations = sorted(path.relative_to(inside) for path in inside.glob("evaluation/*/*/metrics.json"))

@@ -62,6 +62,7 @@ from diffusers_uncertainty.segmentation.data import concat_datasets, list_collat
 from diffusers_uncertainty.segmentation.device_data import (
     DATASET_PLACEMENTS,
     DeviceSegmentationDataset,
+    check_dataset_placement,
     EvaluationImages,
     choose_dataset_placement,
     decoded_nbytes,
@@ -239,10 +240,7 @@ def parse_args(input_args=None):
             f"`--band_weights` ({len(args.band_weights)}) must have one weight per `--band_radii` ({len(args.band_radii)})."
         )
     check_model_args(args)
-    if args.dataset_placement not in DATASET_PLACEMENTS:
-        raise ValueError(
-            f"`--dataset_placement` must be one of {list(DATASET_PLACEMENTS)}, got {args.dataset_placement!r}."
-        )
+    check_dataset_placement(args.dataset_placement)
     if args.device_data_budget_mb < 0:
         raise ValueError(f"`--device_data_budget_mb` must be >= 0, got {args.device_data_budget_mb}.")
     if args.logging_steps < 1:

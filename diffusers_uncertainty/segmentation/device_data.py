@@ -23,10 +23,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..training.performance import DATASET_PLACEMENTS, check_dataset_placement  # noqa: F401 (re-exported)
 from .data import eval_size
 
 
-DATASET_PLACEMENTS = ("auto", "device", "stream")
 
 
 def _image_size(dataset: Dataset, index: int) -> Tuple[int, int]:
@@ -67,8 +67,7 @@ def choose_dataset_placement(placement: str, nbytes: int, budget_bytes: int, dev
         budget_bytes (`int`): Largest decoded size `"auto"` puts on the device.
         device (`torch.device`): The training device.
     """
-    if placement not in DATASET_PLACEMENTS:
-        raise ValueError(f"`--dataset_placement` must be one of {list(DATASET_PLACEMENTS)}, got {placement!r}.")
+    check_dataset_placement(placement)
     if placement != "auto":
         return placement
     return "device" if torch.device(device).type != "cpu" and nbytes <= budget_bytes else "stream"

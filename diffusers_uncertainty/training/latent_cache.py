@@ -39,30 +39,15 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from .data import load_image, load_label, load_uncertainty
+from .performance import DATASET_PLACEMENTS, check_dataset_placement  # noqa: F401 (re-exported for the scripts)
 
 
-DATASET_PLACEMENTS = ("auto", "device", "stream")
 # `--dataset_placement auto` keeps the data on the device when its cache takes at most this share of the device's
 # memory (of the machine's RAM on the CPU); the rest stays for the models, activations and optimizer states.
 DEVICE_MEMORY_FRACTION = 0.25
 
 
 # ------------------------------------------------------------------------------------------------ placement
-def check_dataset_placement(value: str, argument: str = "--dataset_placement") -> str:
-    r"""
-    Return `value` if it is one of `auto`, `device`, `stream`; raise a `ValueError` naming `argument` otherwise.
-
-    Args:
-        value (`str`):
-            The placement.
-        argument (`str`, defaults to `"--dataset_placement"`):
-            Name used in the error message.
-    """
-    if value not in DATASET_PLACEMENTS:
-        raise ValueError(f"`{argument}` must be one of {', '.join(DATASET_PLACEMENTS)}, but got {value!r}.")
-    return value
-
-
 def device_memory_bytes(device: torch.device | str) -> int:
     r"""Total memory of `device`: the GPU's for CUDA, the machine's physical RAM otherwise."""
     device = torch.device(device)

@@ -12,6 +12,24 @@ from ..atomic import write_json_atomic
 
 
 THROUGHPUT_FILE = "throughput.json"
+# Where a training script keeps its data (`--dataset_placement`): decoded once on the device, streamed by a
+# DataLoader, or chosen from the data's size (each side's `choose_dataset_placement` says how).
+DATASET_PLACEMENTS = ("auto", "device", "stream")
+
+
+def check_dataset_placement(value: str, argument: str = "--dataset_placement") -> str:
+    r"""
+    Return `value` if it is one of `auto`, `device`, `stream`; raise a `ValueError` naming `argument` otherwise.
+
+    Args:
+        value (`str`):
+            The placement.
+        argument (`str`, defaults to `"--dataset_placement"`):
+            Name used in the error message.
+    """
+    if value not in DATASET_PLACEMENTS:
+        raise ValueError(f"`{argument}` must be one of {', '.join(DATASET_PLACEMENTS)}, but got {value!r}.")
+    return value
 
 
 def enable_tf32() -> None:

@@ -381,32 +381,14 @@ def plan(config: dict) -> list[Stage]:
     for name, variant in variants.items():
         variant = dict(variant or {})
         if name == "source_only" and not variant:
-            folder = source_segmenter
+            folder, train_flags = source_segmenter, None  # the source segmenter: trained above, only evaluated
         else:
             folder = out / "segmenters" / name
             if variant.pop("synthetic", False):
                 variant["synthetic_data_dir"] = synthetic
-            stages.append(
-                Stage(
-                    f"segmenter:{name}",
-                    folder,
-                    "train_segmentation.py",
-                    {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
-                     "output_dir": folder, "seed": seed, **common,
-                     **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)},
-                )
-            )
-        for split in ("target/val", "source/val"):
-            evaluation = out / "evaluation" / name / split.replace("/", "_")
-            stages.append(
-                Stage(
-                    f"evaluate:{name}:{split.replace('/', '_')}",
-                    evaluation,
-                    "evaluate_segmentation.py",
-                    {"model": folder, "data_dir": root / split, "resolution": data["resolution"],
-                     "output_dir": evaluation, **evaluate_args},
-                )
-            )
+            train_flags = {"seed": seed, **common, **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}
+        stages += segmenter_stages("", name, train_flags, folder, out / "evaluation", root, data["resolution"],
+                                   evaluate_args)
 
     stages += refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
                                 uncertainty_args, control_args, generate_args, evaluate_args)
@@ -441,6 +423,32 @@ def plan(config: dict) -> list[Stage]:
         Stage("report", out / "report",
               function=lambda: write_report(config, out, root, base_path, control, maps, stages=stages))
     )
+    return stages
+
+
+def segmenter_stages(prefix: str, name: str, train_flags: dict | None, folder: Path, evaluation_dir: Path, root: Path,
+                     resolution: int, evaluate_args: dict) -> list[Stage]:
+    r"""
+    A variant's segmenter stage (`train_segmentation.py` on `source/train`, validated on `source/val`) and its two
+    evaluations (`target/val`, `source/val` under `<evaluation_dir>/<name>/`), names prefixed with `prefix`.
+
+    Args:
+        train_flags (`dict`, *optional*):
+            The segmenter's flags beyond its data and output folder; `None` when `folder` is trained by another stage
+            (only the evaluations are planned).
+    """
+    stages = []
+    if train_flags is not None:
+        stages.append(Stage(
+            f"{prefix}segmenter:{name}", folder, "train_segmentation.py",
+            {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
+             "output_dir": folder, **train_flags}))
+    for split in ("target/val", "source/val"):
+        evaluation = evaluation_dir / name / split.replace("/", "_")
+        stages.append(Stage(
+            f"{prefix}evaluate:{name}:{split.replace('/', '_')}", evaluation, "evaluate_segmentation.py",
+            {"model": folder, "data_dir": root / split, "resolution": resolution, "output_dir": evaluation,
+             **evaluate_args}))
     return stages
 
 
@@ -516,19 +524,9 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
             if not variant.pop("synthetic", False):
                 continue
             variant["synthetic_data_dir"] = synthetic
-            segmenter_folder = folder / "segmenters" / variant_name
-            stages.append(Stage(
-                f"{prefix}segmenter:{variant_name}", segmenter_folder, "train_segmentation.py",
-                {"train_data_dir": root / "source" / "train", "validation_data_dir": root / "source" / "val",
-                 "output_dir": segmenter_folder, "seed": seed, **common,
-                 **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}))
-            for split in ("target/val", "source/val"):
-                evaluation = folder / "evaluation" / variant_name / split.replace("/", "_")
-                stages.append(Stage(
-                    f"{prefix}evaluate:{variant_name}:{split.replace('/', '_')}", evaluation,
-                    "evaluate_segmentation.py",
-                    {"model": segmenter_folder, "data_dir": root / split, "resolution": data["resolution"],
-                     "output_dir": evaluation, **evaluate_args}))
+            train_flags = {"seed": seed, **common, **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}
+            stages += segmenter_stages(prefix, variant_name, train_flags, folder / "segmenters" / variant_name,
+                                       folder / "evaluation", root, data["resolution"], evaluate_args)
         previous_segmenter, previous_control = folder / "segmenters" / name, round_control
     return stages
 

@@ -5,11 +5,13 @@ config's GPU scale with its per-stage split.
 
 What is measured (all in one invocation, so that ratios compare runs on the same machine at the same time):
 
-* **Throughput** of the training stages (`segmenter`, `base`, `control`): each script is run with
-  `--dataset_placement stream` (per-sample decoding in DataLoader workers; for the diffusion scripts also the VAE
-  encoding every batch) and with `--dataset_placement device` (decoded once, augmentation and crops batched on the
-  device; latents encoded once), alternating, `--repeats` times each; the figure is the steady-state throughput the
-  script itself writes to `throughput.json` (after warm-up), the median over repeats.
+* **Throughput** of the training stages (`segmenter`, `base`, `control`) on each of `--paths`, alternating,
+  `--repeats` times each: `stream` (`--dataset_placement stream`: per-sample decoding in DataLoader workers; for the
+  diffusion scripts also the VAE encoding every batch), `device` (decoded once, augmentation and crops batched on the
+  device; latents encoded once), `compiled` (`device` + `--torch_compile`) and `cudagraphs` (`compiled` with
+  `--torch_compile_mode reduce-overhead`). The figure is the steady-state throughput the script itself writes to
+  `throughput.json` (after warm-up, so without the compilation), the median over repeats; the stage time (with it)
+  is reported beside it.
 * **Uncertainty maps**: `compute_uncertainty.py` on `source/train` (305 images) and `target/train` (62), wall time of
   the stage run in-process (the model and data loading included, the process start-up not).
 * **Per-stage overhead**: the wall time of a stage that trains one step (start-up, model building, data decoding,
@@ -21,6 +23,8 @@ Every script runs in this process through the workflow's own stage runner (`diff
 except the `accelerate launch` half of the overhead measurement.
 
     python benchmarks/bench_stages.py --device cuda --data_root data/camvid_daydusk --work_dir /tmp/bench_stages --workflow
+    python benchmarks/bench_stages.py --device cuda --data_root data/camvid_daydusk --work_dir /tmp/bench_compile \
+        --stages segmenter base control --paths device compiled cudagraphs
     OMP_NUM_THREADS=2 python benchmarks/bench_stages.py --device cpu --data_root data/camvid_daydusk --work_dir /tmp/bench_stages_cpu
 """
 
@@ -43,7 +47,14 @@ from diffusers_uncertainty.workflow import example_script_path, load_config, run
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "camvid_daydusk.yaml"
-PLACEMENTS = ("stream", "device")
+# The paths a training stage can take, each a set of the scripts' flags: the DataLoader path, the data on the device,
+# and the latter compiled (`--torch_compile`), with CUDA graphs on top (`reduce-overhead`).
+PATHS = {
+    "stream": {"dataset_placement": "stream"},
+    "device": {"dataset_placement": "device"},
+    "compiled": {"dataset_placement": "device", "torch_compile": True},
+    "cudagraphs": {"dataset_placement": "device", "torch_compile": True, "torch_compile_mode": "reduce-overhead"},
+}
 
 # Steps per throughput run (enough for a steady state after the scripts' warm-up steps) and model sizes, per device.
 SIZES = {
@@ -63,7 +74,9 @@ def parse_args(input_args=None):
     parser.add_argument("--work_dir", required=True)
     parser.add_argument("--stages", nargs="+", default=["segmenter", "uncertainty", "base", "control", "overhead"],
                         choices=["segmenter", "uncertainty", "base", "control", "overhead"])
-    parser.add_argument("--repeats", type=int, default=1, help="Runs per placement (medians are reported).")
+    parser.add_argument("--paths", nargs="+", default=["stream", "device"], choices=list(PATHS),
+                        help="The paths each training stage is run on, side by side (ratios against the first).")
+    parser.add_argument("--repeats", type=int, default=1, help="Runs per path (medians are reported).")
     parser.add_argument("--workflow", action="store_true", help="Also run the GPU-scale workflow end to end.")
     parser.add_argument("--workflow_scale", default="gpu", help="The config scale of --workflow.")
     args = parser.parse_args(input_args)
@@ -110,21 +123,26 @@ def segmenter_flags(args, size: dict, output_dir: Path, steps: int) -> dict:
 
 
 def side_by_side(name: str, script: str, make_flags, args, work: Path) -> dict:
-    """Alternate the two placements `args.repeats` times; return the medians and every run."""
-    runs = {placement: [] for placement in PLACEMENTS}
+    """Alternate the paths `args.repeats` times; return the medians, the ratios against the first path and every
+    run (a compiled path's stage time includes its compilation; its throughput, measured after the warm-up steps,
+    does not)."""
+    runs = {path: [] for path in args.paths}
     for repeat in range(args.repeats):
-        for placement in PLACEMENTS:
-            output_dir = work / name / f"{placement}_{repeat}"
+        for path in args.paths:
+            output_dir = work / name / f"{path}_{repeat}"
             shutil.rmtree(output_dir, ignore_errors=True)
-            flags = dict(make_flags(output_dir), dataset_placement=placement)
-            wall = run_script(script, flags, args.device, work / name / f"{placement}_{repeat}.log")
+            flags = dict(make_flags(output_dir), **PATHS[path])
+            wall = run_script(script, flags, args.device, work / name / f"{path}_{repeat}.log")
             record = read_throughput(output_dir)
             record["wall_seconds"] = wall
-            runs[placement].append(record)
-            print(f"  {name:<10} {placement:<7} {record['steps_per_second']:.2f} it/s "
+            runs[path].append(record)
+            print(f"  {name:<10} {path:<10} {record['steps_per_second']:.2f} it/s "
                   f"{record['samples_per_second']:.1f} samples/s (stage {wall:.1f} s)", flush=True)
-    medians = {placement: statistics.median(r["steps_per_second"] for r in runs[placement]) for placement in PLACEMENTS}
-    return {"runs": runs, "median_steps_per_second": medians, "speedup": medians["device"] / medians["stream"]}
+    medians = {path: statistics.median(r["steps_per_second"] for r in runs[path]) for path in args.paths}
+    first = args.paths[0]
+    return {"runs": runs, "median_steps_per_second": medians,
+            "ratio": {path: medians[path] / medians[first] for path in args.paths},
+            "median_stage_seconds": {path: statistics.median(r["wall_seconds"] for r in runs[path]) for path in args.paths}}
 
 
 def main(args):
@@ -134,14 +152,14 @@ def main(args):
     root = Path(args.data_root)
     results = {"machine": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
                            or platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
-               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "sizes": size}
+               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "sizes": size, "paths": args.paths}
     segmenter_dir = work / "segmenter_model"
 
     if "segmenter" in args.stages or "uncertainty" in args.stages or "control" in args.stages:
         results["segmenter"] = side_by_side(
             "segmenter", "train_segmentation.py",
             lambda out: segmenter_flags(args, size, out, size["segmenter_steps"]), args, work)
-        shutil.copytree(work / "segmenter" / "device_0", segmenter_dir, dirs_exist_ok=True)
+        shutil.copytree(work / "segmenter" / f"{args.paths[-1]}_0", segmenter_dir, dirs_exist_ok=True)
 
     maps = {}
     if "uncertainty" in args.stages or "control" in args.stages:
@@ -168,7 +186,7 @@ def main(args):
                     "num_validation_images": 0, "seed": 0}
 
         results["base"] = side_by_side("base", "train_base_model.py", base_flags, args, work)
-        shutil.copytree(work / "base" / "device_0", base_dir, dirs_exist_ok=True)
+        shutil.copytree(work / "base" / f"{args.paths[-1]}_0", base_dir, dirs_exist_ok=True)
 
     if "control" in args.stages:
         def control_flags(out):
@@ -211,21 +229,26 @@ def main(args):
 
 
 def summary(results: dict) -> str:
+    paths = results["paths"]
     lines = [f"{results['machine']['device']}, torch {results['machine']['torch']}, {results['date']}",
              f"`{results['command']}`", "",
-             "| stage | stream it/s | device it/s | device / stream |", "|---|---|---|---|"]
+             "| stage | " + " | ".join(f"{path} it/s (stage s)" for path in paths) + " | "
+             + " | ".join(f"{path} / {paths[0]}" for path in paths[1:]) + " |",
+             "|---|" + "---|" * (2 * len(paths) - 1)]
     for name in ("segmenter", "base", "control"):
         if name in results:
-            medians = results[name]["median_steps_per_second"]
-            lines.append(f"| {name} | {medians['stream']:.2f} | {medians['device']:.2f} | {results[name]['speedup']:.2f}x |")
+            medians, stage = results[name]["median_steps_per_second"], results[name]["median_stage_seconds"]
+            lines.append(f"| {name} | " + " | ".join(f"{medians[path]:.2f} ({stage[path]:.0f})" for path in paths)
+                         + " | " + " | ".join(f"{results[name]['ratio'][path]:.2f}x" for path in paths[1:]) + " |")
+    empty = " |" * (2 * len(paths) - 2)
     for split, record in (results.get("uncertainty") or {}).items():
-        lines.append(f"| uncertainty {split} ({record['images']} images) | stage {record['wall_seconds']:.2f} s | | |")
+        lines.append(f"| uncertainty {split} ({record['images']} images) | stage {record['wall_seconds']:.2f} s |{empty}")
     if "overhead" in results:
         overhead = results["overhead"]
-        lines.append(f"| one-step stage: in-process / accelerate launch | {overhead['in_process']['median']:.2f} s | "
-                     f"{overhead['accelerate_launch']['median']:.2f} s | |")
+        lines.append(f"| one-step stage, in-process | {overhead['in_process']['median']:.2f} s |{empty}")
+        lines.append(f"| one-step stage, accelerate launch | {overhead['accelerate_launch']['median']:.2f} s |{empty}")
     if "workflow" in results:
-        lines.append(f"| workflow `--scale {results['workflow']['scale']}` | {results['workflow']['wall_seconds']:.0f} s | | |")
+        lines.append(f"| workflow `--scale {results['workflow']['scale']}` | {results['workflow']['wall_seconds']:.0f} s |{empty}")
     return "\n".join(lines) + "\n"
 
 

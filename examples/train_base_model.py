@@ -86,7 +86,14 @@ from diffusers_uncertainty.training.latent_cache import (
     record_captions,
     sample_latents,
 )
-from diffusers_uncertainty.training.performance import ThroughputMeter, adamw_fused_kwargs, enable_tf32
+from diffusers_uncertainty.training.performance import (
+    ThroughputMeter,
+    adamw_fused_kwargs,
+    check_torch_compile_mode,
+    compile_in_place,
+    enable_tf32,
+    mark_step_begin,
+)
 
 
 logger = get_logger(__name__)
@@ -251,6 +258,11 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_epsilon", type=float, default=1e-08)
     parser.add_argument("--max_grad_norm", default=1.0, type=float)
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet (in place).")
+    parser.add_argument(
+        "--torch_compile_mode", type=str, default="default",
+        help="torch.compile mode with --torch_compile: default, reduce-overhead (CUDA graphs: for steps bound by kernel"
+        " launches), max-autotune, max-autotune-no-cudagraphs.",
+    )
     parser.add_argument("--channels_last", action="store_true", help="Keep the UNet in channels_last memory format.")
     parser.add_argument(
         "--logging_steps",
@@ -309,6 +321,7 @@ def check_args(args) -> None:
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise ValueError("Specify only one of `--train_data_dir` or `--dataset_name`, but got both.")
     check_dataset_placement(args.dataset_placement)
+    check_torch_compile_mode(args.torch_compile_mode, args.torch_compile)
     for name in ("train_batch_size", "checkpointing_steps", "num_inference_steps", "tokenizer_max_length", "logging_steps",
                  "text_encoder_layers", "text_encoder_heads", "norm_num_groups", "vae_layers_per_block",
                  "unet_layers_per_block", "unet_attention_head_dim", "latent_channels", "cross_attention_dim"):
@@ -569,7 +582,7 @@ def main(args):
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device)  # trained in fp32 (autocast does the mixed precision); cast once frozen
     if args.torch_compile:
-        accelerator.unwrap_model(unet).compile()  # in place: state dict keys and save hooks stay as they are
+        compile_in_place(accelerator.unwrap_model(unet), args.torch_compile_mode)
 
     if accelerator.is_main_process:
         tracker_config = {
@@ -742,6 +755,8 @@ def main(args):
             batch = latent_cache.batch(cache_sampler.indices(epoch, index), generator)
         else:
             batch = next(batch_iterator)
+        if args.torch_compile:
+            mark_step_begin(args.torch_compile_mode)
         with torch.no_grad():
             latents = sample_latents(vae, batch, weight_dtype)
         noise = torch.randn_like(latents)

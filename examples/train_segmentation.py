@@ -41,7 +41,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers.optimization import get_scheduler
-from diffusers_uncertainty.training.performance import ThroughputMeter, adamw_fused_kwargs, enable_tf32
+from diffusers_uncertainty.training.performance import (
+    ThroughputMeter,
+    adamw_fused_kwargs,
+    check_torch_compile_mode,
+    compile_in_place,
+    enable_tf32,
+    mark_step_begin,
+)
 from diffusers_uncertainty.segmentation import (
     DomainDiscriminator,
     FlexSegLoss,
@@ -201,8 +208,12 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--torch_compile", action="store_true",
-                        help="Compile the segmenter with torch.compile (inductor) through accelerate.")
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the segmenter (in place).")
+    parser.add_argument(
+        "--torch_compile_mode", type=str, default="default",
+        help="torch.compile mode with --torch_compile: default, reduce-overhead (CUDA graphs: for steps bound by kernel"
+        " launches), max-autotune, max-autotune-no-cudagraphs.",
+    )
     parser.add_argument("--seed", type=int, default=None)
     # Bookkeeping
     parser.add_argument("--output_dir", type=str, default="segmenter-model")
@@ -241,6 +252,7 @@ def parse_args(input_args=None):
         )
     check_model_args(args)
     check_dataset_placement(args.dataset_placement)
+    check_torch_compile_mode(args.torch_compile_mode, args.torch_compile)
     if args.device_data_budget_mb < 0:
         raise ValueError(f"`--device_data_budget_mb` must be >= 0, got {args.device_data_budget_mb}.")
     if args.logging_steps < 1:
@@ -527,7 +539,6 @@ def main(args):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=accelerator_project_config,
-        dynamo_backend="inductor" if args.torch_compile else None,
     )
     enable_tf32()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -579,9 +590,9 @@ def main(args):
             f"`--resolution` must be divisible by the network stride {model.output_stride}, got {args.resolution}."
         )
     if args.validation_data_dir is not None:
-        # Validation inputs keep the aspect ratio, rounded to a multiple of 32 or of a larger network stride (a
-        # latent-diffusion segmenter on a Stable Diffusion base needs 64).
-        multiple = max(32, model.output_stride)
+        # Validation inputs keep the aspect ratio, rounded to a multiple of the network stride: the rule of
+        # evaluate_segmentation.py and compute_uncertainty.py, so the metrics reported here are the ones it gives.
+        multiple = model.output_stride
         if placement == "device":
             validation_batches = EvaluationImages(
                 validation_data, args.resolution, multiple, accelerator.device, args.validation_batch_size,
@@ -615,7 +626,8 @@ def main(args):
     sampler = None
     uniform = len(set(round(w * len(base_weights), 9) for w in base_weights)) == 1
     if args.hardness_sampling or not uniform:
-        # Same seed in every process: each process draws the same sequence, which accelerate shards.
+        # Same seed in every process: each process draws the same sequence, which accelerate shards (or each
+        # process slices, on the device). On the device the sampler's state stays there: no host read per step.
         sampler = HardnessAwareSampler(
             base_weights,
             num_draws=len(train_dataset),
@@ -623,6 +635,7 @@ def main(args):
             gamma=args.hardness_gamma,
             max_hardness=args.hardness_max if args.hardness_sampling else 0.0,
             seed=args.seed or 0,
+            device=accelerator.device if placement == "device" else "cpu",
         )
     drop_last = len(train_dataset) >= args.train_batch_size
     channels_last = accelerator.device.type == "cuda" and args.model == "smp"
@@ -651,6 +664,8 @@ def main(args):
         model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
             model, optimizer, train_dataloader, lr_scheduler
         )
+    if args.torch_compile:
+        compile_in_place(accelerator.unwrap_model(model), args.torch_compile_mode)
     discriminator = None
     if unlabeled_dataset is not None:
         # Discriminator, its optimizer and the target loader are prepared too, so checkpoints hold their state.
@@ -745,6 +760,8 @@ def main(args):
                 pixel_values = fda(pixel_values, generator=augment_generator, apply=apply)
             if channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            if args.torch_compile:
+                mark_step_begin(args.torch_compile_mode)
             with accelerator.accumulate(model):
                 if discriminator is None:
                     with accelerator.autocast():
@@ -781,7 +798,7 @@ def main(args):
                     discriminator_optimizer.step()
                     discriminator_lr_scheduler.step()
                     discriminator_optimizer.zero_grad()
-            if sampler is not None:
+            if args.hardness_sampling:  # (the difficulties matter only then)
                 indices, losses = accelerator.gather((batch["index"].to(accelerator.device), terms["per_sample"]))
                 sampler.update(indices, losses)
             if not accelerator.sync_gradients:
@@ -798,7 +815,8 @@ def main(args):
                 # The only host read of the losses: every --logging_steps steps.
                 logs = {k: float(v.detach()) for k, v in terms.items() if k != "per_sample"}
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
-                if sampler is not None:
+                if args.hardness_sampling:
+                    sampler.check()
                     logs["hardness_mix"] = sampler.hardness_mix
                 if discriminator is not None:
                     progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"], disc_acc=logs["discriminator_accuracy"])

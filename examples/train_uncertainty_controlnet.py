@@ -81,7 +81,14 @@ from diffusers_uncertainty.training.latent_cache import (
     record_captions,
     sample_latents,
 )
-from diffusers_uncertainty.training.performance import ThroughputMeter, adamw_fused_kwargs, enable_tf32
+from diffusers_uncertainty.training.performance import (
+    ThroughputMeter,
+    adamw_fused_kwargs,
+    check_torch_compile_mode,
+    compile_in_place,
+    enable_tf32,
+    mark_step_begin,
+)
 
 
 if is_wandb_available():
@@ -700,6 +707,11 @@ def parse_args(input_args=None):
         "--torch_compile", action="store_true", help="torch.compile the controlnet and the frozen unet (in place)."
     )
     parser.add_argument(
+        "--torch_compile_mode", type=str, default="default",
+        help="torch.compile mode with --torch_compile: default, reduce-overhead (CUDA graphs: for steps bound by kernel"
+        " launches), max-autotune, max-autotune-no-cudagraphs.",
+    )
+    parser.add_argument(
         "--channels_last", action="store_true", help="Keep the controlnet and the unet in channels_last memory format."
     )
     parser.add_argument(
@@ -770,6 +782,7 @@ def check_args(args) -> None:
             f"`--class_names` must name all {args.num_classes} classes, but got {len(args.class_names)} names."
         )
     check_dataset_placement(args.dataset_placement)
+    check_torch_compile_mode(args.torch_compile_mode, args.torch_compile)
     if args.dataset_placement == "device" and args.train_style_encoder:
         raise ValueError(
             "`--dataset_placement device` caches latents, but `--train_style_encoder` needs the style images' pixels "
@@ -1331,8 +1344,8 @@ def main(args):
         unet.to(memory_format=torch.channels_last)
     if args.torch_compile:
         # In place (`Module.compile`): state dict keys, save hooks and `unwrap_model` stay as they are.
-        accelerator.unwrap_model(controlnet).compile()
-        unet.compile()
+        compile_in_place(accelerator.unwrap_model(controlnet), args.torch_compile_mode)
+        compile_in_place(unet, args.torch_compile_mode)
 
     if placement == "device":
         # Encode the data once with the frozen VAE (in its dtype, as the streaming path does) and the prompts once.
@@ -1453,6 +1466,8 @@ def main(args):
 
     for epoch in range(first_epoch, args.num_train_epochs):
         for step, batch in enumerate(epoch_batches(epoch, resume_batches if epoch == first_epoch else 0)):
+            if args.torch_compile:
+                mark_step_begin(args.torch_compile_mode)
             with accelerator.accumulate(*trained_models):
                 loss = compute_loss(
                     batch, vae, text_encoder, unet, controlnet, noise_scheduler, args.train_branch,

@@ -31,6 +31,7 @@ from diffusers_uncertainty.training.latent_cache import (
     resize_sample,
     sample_latents,
 )
+from diffusers_uncertainty.training.performance import HostReadCounter
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_uncertainty_controlnet.py"
@@ -245,3 +246,66 @@ def test_placement_choice_and_bad_values():
     assert choose_dataset_placement("auto", small, "cpu") == "device"
     assert choose_dataset_placement("auto", 10**18, "cpu") == "stream"
     assert choose_dataset_placement("stream", small, "cpu") == "stream"
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_a_cached_joint_control_step_reads_nothing_on_the_host(script, shared_trunk):
+    """Drawing a cached batch, the joint-mode loss (labeled and unlabeled samples mixed), the backward pass and the
+    gradient clipping run with no operator that reads tensor values on the host: on a GPU each would be a device sync
+    every step (the optimizer step is left out: on the CPU AdamW reads its step counters, the fused CUDA one does not)."""
+    components = build_tiny_components(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, shared_trunk=shared_trunk)
+    for name in ("vae", "text_encoder", "unet"):
+        components[name].eval().requires_grad_(False)
+    controlnet = components["controlnet"].train()
+    records = _records((24, 16), count=8)
+    prompt_cache = PromptEmbeddingCache(components["text_encoder"], components["tokenizer"], [""])
+    cache = _cache(components, records, 16, prompt_cache)
+    sampler = DeviceBatchSampler(len(cache), 4, "cpu", seed=0, weights=torch.tensor([0.5 / 4] * 8))
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    models = [components["vae"], components["text_encoder"], components["unet"], controlnet]
+    for batch_index in range(2):
+        with HostReadCounter() as counter:
+            batch = cache.batch(sampler.indices(0, batch_index), sampler.generator("batch", 0, batch_index))
+            batch = cache.control_conditioning(batch, NUM_CLASSES)
+            batch["encoder_hidden_states"] = prompt_cache(batch["prompt_ids"])
+            loss = script.compute_loss(batch, *models, scheduler, "joint", snr_gamma=5.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        assert counter.host_reads == 0, counter.host_read_operators
+        controlnet.zero_grad()
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_compiled_joint_control_step_has_no_graph_break_and_no_recompile_as_the_labeled_mix_changes(script, shared_trunk):
+    """`--torch_compile`: the control (whole graph) and the UNet compile once; batches with another mix of labeled
+    and unlabeled samples (all labeled, none labeled) reuse the graphs, and the loss equals the eager one."""
+    components = build_tiny_components(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, shared_trunk=shared_trunk)
+    for name in ("vae", "text_encoder", "unet"):
+        components[name].eval().requires_grad_(False)
+    records = _records((16, 16), count=8)
+    prompt_cache = PromptEmbeddingCache(components["text_encoder"], components["tokenizer"], [""])
+    cache = _cache(components, records, 16, prompt_cache)
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    zeros = torch.zeros(4, dtype=torch.long)
+
+    def loss(unet, controlnet, indices):
+        batch = cache.crop(torch.tensor(indices), zeros, zeros, torch.zeros(4, dtype=torch.bool), zeros)
+        batch = cache.control_conditioning(batch, NUM_CLASSES)
+        batch["encoder_hidden_states"] = prompt_cache(batch["prompt_ids"])
+        torch.manual_seed(0)
+        value = script.compute_loss(batch, components["vae"], components["text_encoder"], unet, controlnet, scheduler,
+                                    "joint")
+        value.backward()
+        return value.detach()
+
+    mixes = ([0, 5, 1, 6], [4, 5, 6, 7], [0, 1, 2, 3], [7, 2, 4, 0])  # records 0-3 labeled, 4-7 unlabeled
+    eager = [loss(components["unet"], components["controlnet"], indices) for indices in mixes]
+    torch._dynamo.reset()
+    unet = torch.compile(components["unet"], backend="eager")
+    controlnet = torch.compile(components["controlnet"], fullgraph=True, backend="eager")
+    compiled = [loss(unet, controlnet, mixes[0])]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled += [loss(unet, controlnet, indices) for indices in mixes[1:]]
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

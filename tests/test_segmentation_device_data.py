@@ -113,13 +113,28 @@ def test_device_batches_keep_image_and_label_aligned_and_cover_every_crop_and_fl
 def test_device_batches_follow_a_sampler_and_slice_global_batches_per_process(tmp_path):
     folder = load_segmentation_data(str(coded_folder(tmp_path / "d", [(16, 16)] * 6)), 4, 255)
     data = DeviceSegmentationDataset([folder], 16, "cpu")
-    sampler = [5, 4, 3, 2, 1, 0, 5]
+    class FixedSequence:
+        """A sampler (the `HardnessAwareSampler` interface: `len` and batched `draw`) replaying a fixed sequence."""
+
+        def __init__(self, values):
+            self.values, self.position = values, 0
+
+        def __len__(self):
+            return len(self.values)
+
+        def draw(self, count):
+            drawn = self.values[self.position : self.position + count]
+            self.position = (self.position + count) % len(self.values)
+            return torch.tensor(drawn)
+
+    sampler = FixedSequence([5, 4, 3, 2, 1, 0, 5])
     per_process = [
         [b["index"].tolist() for b in data.batches(2, sampler=sampler, num_processes=2, process_index=p)]
         for p in (0, 1)
     ]
     # Global batches of 4 draws: [5, 4, 3, 2] then the incomplete [1, 0, 5], dropped by default.
     assert per_process == [[[5, 4]], [[3, 2]]]
+    sampler.position = 0
     kept = [b["index"].tolist() for b in data.batches(2, sampler=sampler, num_processes=2, drop_last=False)]
     assert kept == [[5, 4], [1, 0]]
     order = torch.cat([b["index"] for b in data.batches(3, generator=torch.Generator().manual_seed(1))])
@@ -194,6 +209,8 @@ def test_dataset_placement_choice_and_bad_values(tmp_path):
         train.parse_args([*base, "--dataset_placement", "gpu"])
     with pytest.raises(ValueError, match="`--device_data_budget_mb` must be >= 0, got -1.0"):
         train.parse_args([*base, "--device_data_budget_mb", "-1"])
+    with pytest.raises(ValueError, match="`--torch_compile_mode reduce-overhead` needs `--torch_compile`"):
+        train.parse_args([*base, "--torch_compile_mode", "reduce-overhead"])
     # The estimate: 3 uint8 channels + an int16 label per pixel at the stored size (shorter side -> resolution).
     folder = load_segmentation_data(str(scene_folder(tmp_path / "d", 2, seed=0)), 3, 255)
     assert decoded_nbytes([folder], 16) == 2 * 16 * 20 * 5

@@ -12,6 +12,35 @@ def test_difficulty_is_an_exact_moving_average():
     assert sampler.seen.tolist() == [True, True, False]
 
 
+def test_batched_update_equals_updates_one_after_the_other_with_repeats():
+    """Repeated indices in one update (sampling is with replacement) end where sequential updates end."""
+    generator = torch.Generator().manual_seed(0)
+    sampler = HardnessAwareSampler([1.0] * 6, momentum=0.7)
+    difficulty, seen = [0.0] * 6, [False] * 6
+    for _ in range(5):
+        indices = torch.randint(0, 6, (8,), generator=generator)
+        losses = torch.rand(8, generator=generator, dtype=torch.float64) * 3
+        sampler.update(indices, losses)
+        for index, loss in zip(indices.tolist(), losses.tolist()):
+            difficulty[index] = 0.7 * difficulty[index] + 0.3 * loss if seen[index] else loss
+            seen[index] = True
+        assert sampler.difficulty.tolist() == pytest.approx(difficulty, rel=1e-12)
+        assert sampler.seen.tolist() == seen
+
+
+def test_draws_update_and_probabilities_read_nothing_on_the_host():
+    from diffusers_uncertainty.training.performance import HostReadCounter
+
+    sampler = HardnessAwareSampler([1.0] * 10, max_hardness=0.8, seed=0)
+    sampler.set_progress(0.5)
+    with HostReadCounter() as counter:
+        for _ in range(3):
+            indices = sampler.draw(4)
+            sampler.update(indices, indices.double() / 10)
+    assert counter.host_reads == 0, counter.host_read_operators
+    assert sampler.draw(4).shape == (4,) and sampler.seen.any()
+
+
 def test_distribution_starts_at_base_and_shifts_toward_hard_samples():
     base = [1.0, 1.0, 2.0, 4.0]
     sampler = HardnessAwareSampler(base, gamma=1.0, max_hardness=0.6, ramp=0.5)
@@ -75,8 +104,13 @@ def test_invalid_inputs_raise():
     sampler = HardnessAwareSampler([1.0, 1.0])
     with pytest.raises(ValueError, match="progress"):
         sampler.set_progress(1.5)
-    with pytest.raises(ValueError, match="losses"):
-        sampler.update(torch.tensor([0]), torch.tensor([-1.0]))
+    sampler.update(torch.tensor([0]), torch.tensor([1.0]))
+    sampler.check()
+    sampler.update(torch.tensor([1]), torch.tensor([-1.0]))  # recorded on the device, raised where the host reads
+    with pytest.raises(ValueError, match="`losses` must be finite and non-negative"):
+        sampler.check()
+    with pytest.raises(ValueError, match="must match"):
+        sampler.update(torch.tensor([0, 1]), torch.tensor([1.0]))
 
 
 def test_mixture_weights_give_each_dataset_its_share():

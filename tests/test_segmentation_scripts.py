@@ -341,3 +341,25 @@ def test_latent_diffusion_flag_combinations_fail_before_any_work(data, tiny_base
         train.main(train.parse_args(common + latent + ["--adversarial_weight", "0.1", "--unlabeled_data_dir",
                                                        str(tmp_path / "missing")]))
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+
+def test_compiled_training_saves_a_plain_model_with_the_validation_metrics_it_reported(data, tmp_path):
+    """`--torch_compile` compiles the segmenter in place (inductor on the CPU here): the saved model has the eager
+    model's keys and reloads to the metrics the compiled run reported (validation and evaluate_segmentation.py pad
+    inputs to the same network stride)."""
+    output_dir = tmp_path / "compiled"
+    accelerate_launch("train_segmentation.py", [
+        "--train_data_dir", data["train"], "--validation_data_dir", data["val"], "--num_classes", "3",
+        "--ignore_index", "255", *TINY_MODEL, "--train_batch_size", "2", "--max_train_steps", "3",
+        "--validation_steps", "3", "--checkpointing_steps", "100", "--seed", "0", "--report_to", "none",
+        "--dataset_placement", "device", "--torch_compile", "--output_dir", output_dir,
+    ])
+    reported = json.loads((output_dir / "validation_metrics.json").read_text())
+    from safetensors.torch import load_file
+
+    assert not [key for key in load_file(output_dir / "diffusion_pytorch_model.safetensors") if "_orig_mod" in key]
+    accelerate_launch("evaluate_segmentation.py", ["--model", output_dir, "--data_dir", data["val"],
+                                                   "--resolution", "32", "--output_dir", tmp_path / "eval"])
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert abs(evaluated["mIoU"] - reported["mIoU"]) < 1e-4

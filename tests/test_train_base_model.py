@@ -270,6 +270,10 @@ def _load_script():
         (["--train_batch_size", "0"], "`--train_batch_size` must be a positive integer, but got 0"),
         (["--dataset_placement", "gpu"], "`--dataset_placement` must be one of auto, device, stream, but got 'gpu'"),
         (["--logging_steps", "0"], "`--logging_steps` must be a positive integer, but got 0"),
+        (["--torch_compile_mode", "reduce-overhead"], "`--torch_compile_mode reduce-overhead` needs `--torch_compile`"),
+        (["--torch_compile", "--torch_compile_mode", "fast"],
+         "`--torch_compile_mode` must be one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, "
+         "but got 'fast'"),
     ],
 )
 def test_bad_arguments_raise_at_parse_time(tmp_path, extra, message):

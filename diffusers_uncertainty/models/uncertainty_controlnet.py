@@ -512,8 +512,10 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
                 `(down_block_res_samples, mid_block_res_sample)` either way.
             semantic_mask (`torch.Tensor`, *optional*):
                 Boolean tensor of shape `(batch,)`. Where `False`, the semantic branch contributes nothing for that
-                sample (an unlabeled sample in a mixed batch); in separate mode it is computed only for the `True`
-                samples. Reading the mask is a host sync (training only; the pipelines do not pass one).
+                sample (an unlabeled sample in a mixed batch): its residuals (separate branches) or its embedding
+                (shared trunk) are multiplied by the mask. The branch still runs on the whole batch, so the mask is
+                never read on the host: no device sync and the same shapes every step (what `torch.compile` and
+                CUDA graphs need), at the price of the semantic branch's work on unlabeled samples.
 
         Returns:
             `tuple`: `(down_block_res_samples, mid_block_res_sample)`, the summed residuals for the UNet.
@@ -528,21 +530,13 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
             semantic_cond, uncertainty_cond = controlnet_cond
         semantic_scale, uncertainty_scale = conditioning_scale
 
-        # A sample whose semantic switch is off gets no semantic control.
-        semantic_index = None
-        if semantic_mask is not None:
-            if semantic_mask.dtype != torch.bool or semantic_mask.shape != (batch_size,):
-                raise ValueError(
-                    f"`semantic_mask` must be a boolean tensor of shape ({batch_size},), but got dtype "
-                    f"{semantic_mask.dtype} and shape {tuple(semantic_mask.shape)}."
-                )
-            if bool(semantic_mask.all()):
-                semantic_mask = None
-            elif not bool(semantic_mask.any()):
-                semantic_scale = 0.0
-                semantic_mask = None
-            else:
-                semantic_index = semantic_mask.nonzero().flatten()
+        # A sample whose semantic switch is off gets no semantic control (checked on shape and dtype only: its
+        # values stay on the device).
+        if semantic_mask is not None and (semantic_mask.dtype != torch.bool or semantic_mask.shape != (batch_size,)):
+            raise ValueError(
+                f"`semantic_mask` must be a boolean tensor of shape ({batch_size},), but got dtype "
+                f"{semantic_mask.dtype} and shape {tuple(semantic_mask.shape)}."
+            )
 
         net_kwargs = dict(
             timestep=timestep,
@@ -576,24 +570,15 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         results = []
         if not _is_zero(semantic_scale):
             net = self.semantic_controlnet
-            if semantic_index is None:
-                results.append(
-                    net(
-                        sample=sample,
-                        controlnet_cond=branch_input(net, semantic_cond),
-                        conditioning_scale=semantic_scale,
-                        **net_kwargs,
-                    )
-                )
-            else:
-                subset_kwargs = {key: _take(value, semantic_index, batch_size) for key, value in net_kwargs.items()}
-                down, mid = net(
-                    sample=sample[semantic_index],
-                    controlnet_cond=branch_input(net, semantic_cond[semantic_index]),
-                    conditioning_scale=semantic_scale,
-                    **subset_kwargs,
-                )
-                results.append(_scatter((down, mid), semantic_index, batch_size))
+            down, mid = net(
+                sample=sample,
+                controlnet_cond=branch_input(net, semantic_cond),
+                conditioning_scale=semantic_scale,
+                **net_kwargs,
+            )
+            if semantic_mask is not None:
+                down, mid = _mask_samples((down, mid), semantic_mask)
+            results.append((down, mid))
         if not _is_zero(uncertainty_scale):
             net = self.uncertainty_controlnet
             results.append(
@@ -674,20 +659,12 @@ class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMix
         return zeros, sample.new_zeros((batch_size, *mid_shape))
 
 
-def _take(value, index: torch.Tensor, batch_size: int):
-    """Select the samples `index` from a per-sample argument; shared arguments (no batch dimension) pass."""
-    if isinstance(value, dict):
-        return {key: _take(item, index, batch_size) for key, item in value.items()}
-    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size:
-        return value[index]
-    return value
-
-
-def _scatter(residuals, index: torch.Tensor, batch_size: int):
-    """Put residuals computed for the samples `index` back into zero tensors for the whole batch."""
+def _mask_samples(residuals, mask: torch.Tensor):
+    """Zero the residuals of the samples where `mask` is `False` (a multiplication: no host sync, no data-dependent
+    shapes); the kept samples' residuals are unchanged (multiplied by exactly 1)."""
     down, mid = residuals
 
-    def full(tensor):
-        return tensor.new_zeros((batch_size, *tensor.shape[1:])).index_copy(0, index, tensor)
+    def masked(tensor):
+        return tensor * mask.to(tensor.dtype).view(-1, *([1] * (tensor.ndim - 1)))
 
-    return [full(tensor) for tensor in down], full(mid)
+    return [masked(tensor) for tensor in down], masked(mid)

@@ -15,7 +15,6 @@ device instead of Python's `random`. Evaluation batches are exactly the streamin
 resized with the same torchvision calls, the label at its original size.
 """
 
-import itertools
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -178,13 +177,14 @@ class DeviceSegmentationDataset:
         process_index: int = 0,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """One pass of training batches, as a `DataLoader` with `shuffle=True` (a random permutation, drawn on the
-        device) or with `sampler` (e.g. [`HardnessAwareSampler`], read as it is iterated, so it sees every update).
+        device) or with `sampler` ([`HardnessAwareSampler`]: `len(sampler)` draws, one batch at a time with its `draw`,
+        so that every batch sees the updates made before it).
         With several processes, each takes its slice of every global batch of `batch_size * num_processes` draws, as
         accelerate shards a prepared loader.
 
         Args:
             batch_size (`int`): Samples per process and batch.
-            sampler (`Iterable[int]`, *optional*): Index sampler; `None` for a random permutation.
+            sampler ([`HardnessAwareSampler`], *optional*): Index sampler; `None` for a random permutation.
             generator (`torch.Generator`, *optional*): On the device; draws the sample order (give every process the
                 same seed so that they slice the same global batches).
             augment_generator (`torch.Generator`, *optional*): On the device; draws crops, flips and photometric
@@ -197,8 +197,9 @@ class DeviceSegmentationDataset:
         if sampler is None:
             chunks = torch.randperm(len(self), device=self.device, generator=generator).split(global_size)
         else:
-            draws = iter(sampler)
-            chunks = iter(lambda: torch.tensor(list(itertools.islice(draws, global_size)), dtype=torch.long), None)
+            # Drawn batch by batch on the sampler's device, so each batch sees the updates of the steps before it.
+            full, rest = divmod(len(sampler), global_size)
+            chunks = (sampler.draw(size).to(self.device) for size in [global_size] * full + [rest] * (rest > 0))
         for chunk in chunks:
             if chunk.numel() == 0:
                 return

@@ -18,9 +18,12 @@ class HardnessAwareSampler(Sampler[int]):
     - $\lambda(t) = \lambda_{max} \min(1, t / t_{ramp})$ with training progress $t \in [0, 1]$ set by
       [`~HardnessAwareSampler.set_progress`]: uniform at the start, shifting toward hard samples.
 
-    Indices are drawn lazily, one at a time, from the current distribution, so updates made during an epoch affect
-    the rest of it. With several processes, seed every process identically and feed every process the same
-    (gathered) updates: their samplers then produce the same sequence, which `accelerate` shards.
+    The state lives on `device`, and [`~HardnessAwareSampler.draw`] and [`~HardnessAwareSampler.update`] never read
+    it on the host, so a training loop on an accelerator feeds it every step without a device sync. Iterating draws
+    one index at a time (a `DataLoader` sampler); [`~HardnessAwareSampler.draw`] draws a whole batch from the current
+    distribution, which is the same distribution, since updates only come between batches. With several processes,
+    seed every process identically and feed every process the same (gathered) updates: their samplers then produce
+    the same sequence, which each process slices.
 
     Args:
         base_weights (`Sequence[float]`): One non-negative weight per sample (e.g. all ones for uniform).
@@ -30,6 +33,7 @@ class HardnessAwareSampler(Sampler[int]):
         max_hardness (`float`, defaults to 0.5): $\lambda_{max} \in [0, 1]$.
         ramp (`float`, defaults to 1.0): $t_{ramp} \in (0, 1]$, progress at which $\lambda$ reaches its maximum.
         seed (`int`, defaults to 0): Seed of the sampler's own generator.
+        device (`torch.device` or `str`, defaults to `"cpu"`): Where the state and the generator live.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class HardnessAwareSampler(Sampler[int]):
         max_hardness: float = 0.5,
         ramp: float = 1.0,
         seed: int = 0,
+        device="cpu",
     ):
         base = torch.as_tensor(base_weights, dtype=torch.float64)
         if base.ndim != 1 or base.numel() == 0:
@@ -53,7 +58,8 @@ class HardnessAwareSampler(Sampler[int]):
             raise ValueError(f"`ramp` must be in (0, 1], got {ramp}.")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"`momentum` must be in [0, 1), got {momentum}.")
-        self.base = base / base.sum()
+        self.device = torch.device(device)
+        self.base = (base / base.sum()).to(self.device)
         self.num_draws = int(num_draws) if num_draws is not None else base.numel()
         self.momentum = momentum
         self.gamma = gamma
@@ -61,8 +67,10 @@ class HardnessAwareSampler(Sampler[int]):
         self.ramp = ramp
         self.difficulty = torch.zeros_like(self.base)
         self.seen = torch.zeros_like(self.base, dtype=torch.bool)
+        # Whether an update ever brought a negative or non-finite loss: kept on the device, raised by `check`.
+        self.invalid_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         self.progress = 0.0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def __len__(self) -> int:
         return self.num_draws
@@ -83,49 +91,78 @@ class HardnessAwareSampler(Sampler[int]):
         self.progress = float(progress)
 
     def update(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Moving-average update of the difficulty of the given samples.
+        r"""Moving-average update of the difficulty of the given samples, with repeats applied in order: a sample
+        that occurs $k$ times with losses $\ell_1, \dots, \ell_k$ ends at $\mu^k d + (1-\mu) \sum_m \mu^{k-m}
+        \ell_m$ (seen before) or $\mu^{k-1} \ell_1 + (1-\mu) \sum_{m \ge 2} \mu^{k-m} \ell_m$ (first seen now), the
+        result of $k$ updates one after the other, computed at once on the device. A negative or non-finite loss is
+        recorded on the device and raised by [`~HardnessAwareSampler.check`] (checking here would be a host read
+        every step).
 
         Args:
-            indices (`torch.Tensor` of shape `(n,)`): Sample indices (repeats are applied in order).
+            indices (`torch.Tensor` of shape `(n,)`): Sample indices.
             losses (`torch.Tensor` of shape `(n,)`): Their non-negative losses.
         """
-        indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
-        losses = torch.as_tensor(losses).detach().cpu().double().reshape(-1)
+        indices = torch.as_tensor(indices).detach().to(self.device, torch.long).reshape(-1)
+        losses = torch.as_tensor(losses).detach().to(self.device, torch.float64).reshape(-1)
         if indices.shape != losses.shape:
             raise ValueError(f"`indices` {tuple(indices.shape)} and `losses` {tuple(losses.shape)} must match.")
-        if (losses < 0).any() or not torch.isfinite(losses).all():
-            raise ValueError("`losses` must be finite and non-negative.")
-        for index, loss in zip(indices.tolist(), losses.tolist()):
-            if self.seen[index]:
-                self.difficulty[index] = self.momentum * self.difficulty[index] + (1.0 - self.momentum) * loss
-            else:
-                self.difficulty[index] = loss
-                self.seen[index] = True
+        self.invalid_loss |= ~(torch.isfinite(losses) & (losses >= 0)).all()
+        same = indices[:, None] == indices[None, :]
+        later = same.triu(diagonal=1).sum(dim=1)  # occurrences of the same sample after each position
+        first = same.tril(diagonal=-1).sum(dim=1) == 0
+        momentum = torch.tensor(self.momentum, dtype=torch.float64, device=self.device)
+        # Each loss decays by mu once per later occurrence; it enters with weight (1 - mu), or 1 when it is the first
+        # loss ever seen of its sample (which then replaces the zero difficulty).
+        weights = momentum**later * torch.where(
+            first & ~self.seen[indices], torch.ones_like(losses), torch.full_like(losses, 1.0 - self.momentum)
+        )
+        counts = torch.zeros_like(self.difficulty).index_add_(0, indices, torch.ones_like(losses))
+        contribution = torch.zeros_like(self.difficulty).index_add_(0, indices, weights * losses)
+        kept = torch.where(self.seen, momentum**counts * self.difficulty, 0.0)
+        self.difficulty = torch.where(counts > 0, kept + contribution, self.difficulty)
+        self.seen |= counts > 0
+
+    def check(self) -> None:
+        """Raise a `ValueError` if any update so far brought a negative or non-finite loss (reads one flag)."""
+        if bool(self.invalid_loss):
+            raise ValueError("`losses` must be finite and non-negative; an update brought one that is not.")
 
     def probabilities(self) -> torch.Tensor:
-        """Current sampling distribution $q(t)$ (sums to one).
+        """Current sampling distribution $q(t)$ (sums to one), computed on the device without host reads.
 
         Returns:
             `torch.Tensor` of shape `(num_samples,)`, float64.
         """
         mix = self.hardness_mix
-        if mix == 0.0 or not self.seen.any():
+        if mix == 0.0:
             return self.base.clone()
-        difficulty = torch.where(self.seen, self.difficulty, self.difficulty[self.seen].mean())
+        seen = self.seen.to(torch.float64)
+        mean = (self.difficulty * seen).sum() / seen.sum().clamp_min(1.0)
+        difficulty = torch.where(self.seen, self.difficulty, mean)
         hard = self.base * difficulty.clamp_min(0.0) ** self.gamma
-        if hard.sum() <= 0:
-            return self.base.clone()
-        return (1.0 - mix) * self.base + mix * hard / hard.sum()
+        total = hard.sum()
+        hard = torch.where(total > 0, hard / torch.where(total > 0, total, 1.0), self.base)
+        # Nothing seen yet (or every difficulty 0): the base distribution.
+        return torch.where(self.seen.any() & (total > 0), (1.0 - mix) * self.base + mix * hard, self.base)
+
+    def draw(self, count: int) -> torch.Tensor:
+        """`count` indices (on the sampler's device, with replacement) from the current distribution.
+
+        Args:
+            count (`int`): How many.
+        """
+        return torch.multinomial(self.probabilities(), count, replacement=True, generator=self.generator)
 
     def __iter__(self) -> Iterator[int]:
         for _ in range(self.num_draws):
-            yield int(torch.multinomial(self.probabilities(), 1, generator=self.generator).item())
+            yield int(self.draw(1))
 
     def state_dict(self) -> dict:
         """State for checkpointing (difficulties, progress, generator)."""
         return {
-            "difficulty": self.difficulty.clone(),
-            "seen": self.seen.clone(),
+            "difficulty": self.difficulty.cpu(),
+            "seen": self.seen.cpu(),
+            "invalid_loss": self.invalid_loss.cpu(),
             "progress": self.progress,
             "generator": self.generator.get_state(),
         }
@@ -143,5 +180,6 @@ class HardnessAwareSampler(Sampler[int]):
             )
         self.difficulty.copy_(state["difficulty"])
         self.seen.copy_(state["seen"])
+        self.invalid_loss.copy_(state.get("invalid_loss", torch.zeros((), dtype=torch.bool)))
         self.progress = float(state["progress"])
         self.generator.set_state(state["generator"])

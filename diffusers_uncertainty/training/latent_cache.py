@@ -590,10 +590,10 @@ class LatentCache:
         """
         count, resolution, device = batch["latent_parameters"].shape[0], self.resolution, self.device
         if "labels" in batch:
-            labels = batch["labels"]
-            in_range = (labels >= 0) & (labels < num_classes)
-            one_hot = torch.nn.functional.one_hot(torch.where(in_range, labels, 0), num_classes)
-            batch["conditioning_one_hot"] = one_hot.permute(0, 3, 1, 2).float() * in_range[:, None].float()
+            # A comparison with every class id: a label outside [0, num_classes) matches none, and unlike
+            # `F.one_hot` nothing is read on the host (it checks the label range with `.item()` off CUDA).
+            classes = torch.arange(num_classes, device=batch["labels"].device).view(1, -1, 1, 1)
+            batch["conditioning_one_hot"] = (batch["labels"][:, None] == classes).float()
         else:
             batch["conditioning_one_hot"] = torch.zeros(count, num_classes, resolution, resolution, device=device)
         if "uncertainty" in batch:

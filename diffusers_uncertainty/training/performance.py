@@ -3,10 +3,12 @@ switches, the fused AdamW choice, and the steady-state throughput meter (steps/s
 measured with two device synchronisations in all, none per step).
 """
 
+import collections
 import os
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..atomic import write_json_atomic
 
@@ -30,6 +32,59 @@ def check_dataset_placement(value: str, argument: str = "--dataset_placement") -
     if value not in DATASET_PLACEMENTS:
         raise ValueError(f"`{argument}` must be one of {', '.join(DATASET_PLACEMENTS)}, but got {value!r}.")
     return value
+
+
+# `torch.compile` modes of the training scripts' `--torch_compile_mode` (`default`: inductor's fused kernels;
+# `reduce-overhead` and `max-autotune` also replay each compiled graph as a CUDA graph, one launch instead of hundreds:
+# what a small model whose steps are bound by kernel launches needs; they act on CUDA tensors only).
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_torch_compile_mode(mode: str, torch_compile: bool, argument: str = "--torch_compile_mode") -> str:
+    r"""
+    Return `mode` if it is one of `TORCH_COMPILE_MODES` and, when it is not `default`, compilation is on; raise a
+    `ValueError` naming `argument` otherwise.
+
+    Args:
+        mode (`str`):
+            The requested mode.
+        torch_compile (`bool`):
+            Whether `--torch_compile` is set.
+        argument (`str`, defaults to `"--torch_compile_mode"`):
+            Name used in the error messages.
+    """
+    if mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"`{argument}` must be one of {', '.join(TORCH_COMPILE_MODES)}, but got {mode!r}.")
+    if mode != "default" and not torch_compile:
+        raise ValueError(f"`{argument} {mode}` needs `--torch_compile`.")
+    return mode
+
+
+def compile_in_place(module: torch.nn.Module, mode: str = "default") -> None:
+    r"""
+    `module.compile(mode=...)`: compiled in place, so its state dict keys, save hooks and `unwrap_model` stay as they
+    are.
+
+    Args:
+        module (`torch.nn.Module`):
+            The model to compile.
+        mode (`str`, defaults to `"default"`):
+            One of `TORCH_COMPILE_MODES`.
+    """
+    module.compile(mode=None if mode == "default" else mode)
+
+
+def mark_step_begin(mode: str) -> None:
+    r"""
+    Tell the CUDA-graph runtime that a new training step begins (its previous step's graph outputs may then be
+    overwritten); nothing in the modes without CUDA graphs. Call it before each step's first compiled call.
+
+    Args:
+        mode (`str`):
+            The `--torch_compile_mode` of the run (`None` when not compiling).
+    """
+    if mode in ("reduce-overhead", "max-autotune"):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def enable_tf32() -> None:
@@ -136,3 +191,44 @@ class ThroughputMeter:
             f"{result['samples_per_second']:.1f} samples/s ({result['measured_steps']} steps after "
             f"{self.warmup_steps} warm-up steps, {result['device']})."
         )
+
+
+# ATen operators whose result on the host depends on tensor values: on an accelerator each one waits for the device
+# (`.item()`, `bool(t)`, `int(t)` go through `_local_scalar_dense`; the others size their output from the data).
+HOST_READ_OPERATORS = frozenset({
+    "aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.nonzero_static",
+    "aten.masked_select", "aten.unique", "aten._unique", "aten._unique2", "aten.unique_consecutive",
+    "aten.unique_dim", "aten.repeat_interleave", "aten.bincount",
+})
+
+
+class HostReadCounter(TorchDispatchMode):
+    r"""
+    Counts the operators that read tensor values on the host while it is active: on a GPU each is a device sync,
+    on the CPU it is free, so this is how a CPU test finds the syncs a training step would have on an accelerator
+    (`torch.cuda.set_sync_debug_mode` exists only on CUDA). Counts every operator too (`operators`), a proxy for the
+    kernel launches of a step. `aten.repeat_interleave` is counted although it does not read values when given
+    `output_size`.
+
+        with HostReadCounter() as counter:
+            loss = compute_loss(batch, ...)
+        assert counter.host_reads == 0, counter.host_read_operators
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.operators = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operators[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def host_read_operators(self) -> dict:
+        """`{operator: count}` of the host-reading operators seen."""
+        return {name: count for name, count in self.operators.items() if name in HOST_READ_OPERATORS}
+
+    @property
+    def host_reads(self) -> int:
+        """How many host-reading operators ran."""
+        return sum(self.host_read_operators.values())

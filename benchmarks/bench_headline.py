@@ -230,22 +230,24 @@ def workflow_config(args, out: Path, seed: int, overrides: dict, variants: dict)
 def run(args) -> None:
     work = Path(args.work_dir)
     first = args.seeds[0]
+    overrides = {"refine_rounds": args.refine_rounds, "refine": {"segmenter": "synthetic_photometric_flexseg"}}
+    generate_overrides, sweep = {}, None
+    if args.synthetic_counts:
+        # N is counted on the data (the embedded toy data is made by the first seed's data stage, then shared), and
+        # every seed's generated datasets are checked before anything is trained.
+        config = workflow_config(args, work / f"seed_{first}", first, overrides, rows(args))
+        run_workflow(config, only=["data"])
+        sweep = sweep_settings(args, config)
+        generate_overrides = {"samples_per_label": sweep["samples_per_label"]}
+        overrides["generate"] = {"args": generate_overrides}
+        for seed in args.seeds:
+            for folder in (f"seed_{seed}", f"semantic_only_seed_{seed}"):
+                check_generated(work / folder / "synthetic", sweep["samples_per_label"])
     for seed in args.seeds:
         out = work / f"seed_{seed}"
         if seed != first:
             link_shared(work / f"seed_{first}", out)
-        overrides = {"refine_rounds": args.refine_rounds, "refine": {"segmenter": "synthetic_photometric_flexseg"}}
         config = workflow_config(args, out, seed, overrides, rows(args))
-        generate_overrides = {}
-        sweep = None
-        if args.synthetic_counts:
-            run_workflow(config, only=["data"])  # the embedded toy data, when the workflow makes it: N is counted
-            sweep = sweep_settings(args, config)
-            generate_overrides = {"samples_per_label": sweep["samples_per_label"]}
-            overrides["generate"] = {"args": generate_overrides}
-            config = workflow_config(args, out, seed, overrides, rows(args))
-            check_generated(out / "synthetic", sweep["samples_per_label"])
-            check_generated(work / f"semantic_only_seed_{seed}" / "synthetic", sweep["samples_per_label"])
         print(f"== seed {seed}: {out}", flush=True)
         run_workflow(config)
 

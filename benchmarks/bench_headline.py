@@ -28,11 +28,28 @@ from its work folder.
 
 It writes `<work_dir>/results.md` (mean and sample standard deviation over the seeds of target/val mIoU, target
 pixel accuracy and source/val mIoU per row, and per-class target IoU of source_only, photometric and the best
-uncertainty-aware row) and `<work_dir>/results.json` (every seed's numbers).
+uncertainty-aware row) and `<work_dir>/results.json` (every seed's numbers, and the first seed's workflow config).
+
+The synthetic-count sweep (`--synthetic_counts 0.5 1 2`): for each seed and each multiple m, the best-candidate recipe
+`synthetic_photometric` (same segmenter budget, same synthetic ratio) is trained again with exactly
+round(m x N) synthetic samples (N: the labeled source/train images; rounded half up), the first ones of the seed's
+generated dataset in the order of `train_segmentation.py --max_synthetic_samples` (one sample of every label map
+before the second of any). Its rows, `synthetic_photometric (0.5x)` etc., are workflow variants like the others
+(resumable the same way; they are not retrained in refinement rounds) and get their own table in results.md. The
+generate stage is given `samples_per_label` = ceil(max(m) x N / label maps used) (at least the config's), in every
+seed, for the semantic-only control too, so every synthetic row of a run reads a dataset of the same size; a
+dataset already generated with another `samples_per_label` stops the run with the folder to delete.
+
+    python benchmarks/bench_headline.py --work_dir /tmp/hl_smoke --scale smoke --seeds 0 1 \
+        --synthetic_counts 0.5 1 --refine_rounds 1 --no_fda          # embedded toy data, a 2-core CPU
+    python benchmarks/headline_figures.py --work_dir /tmp/hl_smoke   # grid.png, per_class_iou.png, synthetic_count.png
+
+`benchmarks/headline_figures.py` draws the figures of a work folder (see its docstring).
 """
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -41,6 +58,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from this checkout
 
+from diffusers_uncertainty.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from diffusers_uncertainty.data_reader import labeled_folder_records  # noqa: E402
 from diffusers_uncertainty.workflow import MARKER, load_config, run_workflow  # noqa: E402
 
 
@@ -58,6 +77,7 @@ ICCLD_ROWS = {
     "iccld_adversarial": {"model": "latent_diffusion", "adversarial_weight": 0.2},
 }
 UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg")
+SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
 # Stages whose result every seed shares: trained once, by the first seed.
 SHARED_STAGES = ("base", "control", "uncertainty/source_train", "uncertainty/target_train")  # (+ generated data)
 
@@ -72,12 +92,19 @@ def parse_args(input_args=None):
     parser.add_argument("--iccld", action="store_true", help="Add the latent-diffusion segmenter rows.")
     parser.add_argument("--no_fda", action="store_true", help="Leave out the Fourier domain adaptation row.")
     parser.add_argument("--refine_rounds", type=int, default=2, help="1 leaves out the refinement row.")
+    parser.add_argument("--synthetic_counts", type=float, nargs="+", default=[],
+                        help="Synthetic-count sweep: multiples m of the labeled source/train images; the "
+                             f"{SWEEP_RECIPE} row is trained again with round(m x N) synthetic samples for each.")
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what has finished.")
     args = parser.parse_args(input_args)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     if args.refine_rounds < 1:
         parser.error(f"--refine_rounds must be >= 1, got {args.refine_rounds}")
+    if any(not m > 0 or math.isinf(m) for m in args.synthetic_counts):
+        parser.error(f"--synthetic_counts must be positive multiples, got {args.synthetic_counts}")
+    if len({sweep_variant(m) for m in args.synthetic_counts}) != len(args.synthetic_counts):
+        parser.error(f"--synthetic_counts must be distinct, got {args.synthetic_counts}")
     return args
 
 
@@ -86,6 +113,95 @@ def rows(args) -> dict:
     if args.iccld:
         selected.update(ICCLD_ROWS)
     return selected
+
+
+def sweep_variant(multiple: float) -> str:
+    """The workflow variant (and folder name) of one multiple of the synthetic-count sweep: `synthetic_photometric_0.5x`."""
+    return f"{SWEEP_RECIPE}_{multiple:g}x"
+
+
+def sweep_row(multiple: float) -> str:
+    """The row name in results.json / results.md: `synthetic_photometric (0.5x)`."""
+    return f"{SWEEP_RECIPE} ({multiple:g}x)"
+
+
+def is_sweep_row(name: str) -> bool:
+    return name.startswith(f"{SWEEP_RECIPE} (") and name.endswith("x)")
+
+
+def sweep_samples(multiple: float, num_source: int) -> int:
+    """round(multiple x num_source), rounded half up; at least 1 (an error otherwise)."""
+    count = math.floor(multiple * num_source + 0.5)
+    if count < 1:
+        raise ValueError(
+            f"`--synthetic_counts` {multiple:g} x {num_source} source/train images rounds to {count} synthetic "
+            "samples; every multiple must give at least 1."
+        )
+    return count
+
+
+def sweep_variants(multiples: list[float], num_source: int) -> dict:
+    """`{variant: train_segmentation flags}`: the sweep recipe with `--max_synthetic_samples` for each multiple."""
+    return {sweep_variant(m): dict(ROWS[SWEEP_RECIPE], max_synthetic_samples=sweep_samples(m, num_source))
+            for m in multiples}
+
+
+def samples_per_label_for(needed: int, num_source: int, generate_args: dict) -> int:
+    r"""
+    The `samples_per_label` that makes the generate stage write at least `needed` samples from the `num_source`
+    source/train label maps (or the first `max_labels` of them): ceil(needed / label maps), and never fewer than the
+    config's own value.
+
+    Args:
+        needed (`int`): Samples the largest sweep row reads.
+        num_source (`int`): Labeled source/train images (= label maps).
+        generate_args (`dict`): The config's `generate.args`.
+    """
+    if generate_args.get("max_shards") is not None:
+        raise ValueError(
+            f"`generate.args.max_shards` is {generate_args['max_shards']}: the generate stage would stop before the "
+            f"{needed} samples the synthetic-count sweep needs; remove it from the config."
+        )
+    labels = num_source if generate_args.get("max_labels") is None else min(num_source, generate_args["max_labels"])
+    if labels < 1:
+        raise ValueError(f"`generate.args.max_labels` must be at least 1, got {generate_args.get('max_labels')}.")
+    return max(int(generate_args.get("samples_per_label", 1)), math.ceil(needed / labels))
+
+
+def source_train_count(config: dict) -> int | None:
+    """Labeled source/train images of a workflow config's data (read with the package's reader), `None` while the
+    folder does not exist (the embedded toy data before its data stage)."""
+    root = Path(config["data"]["root"]) if config["data"].get("root") else Path(config["output_dir"]) / "data"
+    folder = root / "source" / "train"
+    return len(labeled_folder_records(folder, argument="source/train")) if folder.is_dir() else None
+
+
+def check_generated(folder: Path, samples_per_label: int) -> None:
+    """Stop when a finished generate stage in `folder` used another `samples_per_label` than this run needs."""
+    from diffusers_uncertainty.synthetic_evaluation import read_generation_settings
+
+    if not (folder / MARKER).is_file():
+        return
+    settings = read_generation_settings(folder) or {}
+    if settings.get("samples_per_label") != samples_per_label:
+        raise ValueError(
+            f"The generated dataset {folder} was made with samples_per_label={settings.get('samples_per_label')} "
+            f"({settings.get('num_labels')} label maps), but the synthetic-count sweep needs samples_per_label="
+            f"{samples_per_label} for every synthetic row; delete {folder} to regenerate it (the rows trained on it "
+            "are retrained only after their folders are deleted too), or change --synthetic_counts."
+        )
+
+
+def sweep_settings(args, config: dict) -> dict | None:
+    """`{"num_source_train", "samples": {multiple: n}, "samples_per_label"}` of the sweep, or `None` without one."""
+    if not args.synthetic_counts:
+        return None
+    num_source = source_train_count(config)
+    if num_source is None:
+        raise ValueError(f"The source/train folder of {config['data'].get('root') or config['output_dir']} is missing.")
+    samples = {m: sweep_samples(m, num_source) for m in args.synthetic_counts}
+    spl = samples_per_label_for(max(samples.values()), num_source, (config.get("generate") or {}).get("args") or {})
+    return {"num_source_train": num_source, "samples": samples, "samples_per_label": spl}
 
 
 def link_shared(first: Path, out: Path, stages=SHARED_STAGES) -> None:
@@ -114,14 +230,35 @@ def workflow_config(args, out: Path, seed: int, overrides: dict, variants: dict)
 def run(args) -> None:
     work = Path(args.work_dir)
     first = args.seeds[0]
+    overrides = {"refine_rounds": args.refine_rounds, "refine": {"segmenter": "synthetic_photometric_flexseg"}}
+    generate_overrides, sweep = {}, None
+    if args.synthetic_counts:
+        # N is counted on the data (the embedded toy data is made by the first seed's data stage, then shared), and
+        # every seed's generated datasets are checked before anything is trained.
+        config = workflow_config(args, work / f"seed_{first}", first, overrides, rows(args))
+        run_workflow(config, only=["data"])
+        sweep = sweep_settings(args, config)
+        generate_overrides = {"samples_per_label": sweep["samples_per_label"]}
+        overrides["generate"] = {"args": generate_overrides}
+        for seed in args.seeds:
+            for folder in (f"seed_{seed}", f"semantic_only_seed_{seed}"):
+                check_generated(work / folder / "synthetic", sweep["samples_per_label"])
     for seed in args.seeds:
         out = work / f"seed_{seed}"
         if seed != first:
             link_shared(work / f"seed_{first}", out)
-        config = workflow_config(args, out, seed, {"refine_rounds": args.refine_rounds,
-                                                   "refine": {"segmenter": "synthetic_photometric_flexseg"}}, rows(args))
+        config = workflow_config(args, out, seed, overrides, rows(args))
         print(f"== seed {seed}: {out}", flush=True)
         run_workflow(config)
+
+        if sweep is not None:
+            # The sweep rows: variants on the same generated dataset, planned without refinement rounds (so that
+            # they are not retrained there), only their segmenters and evaluations run.
+            variants = sweep_variants(args.synthetic_counts, sweep["num_source_train"])
+            config = workflow_config(args, out, seed, {**overrides, "refine_rounds": 1}, variants)
+            print(f"== seed {seed}, synthetic-count sweep {sweep['samples']} of {sweep['num_source_train']}", flush=True)
+            run_workflow(config, only=[f"{kind}:{name}{end}" for name in variants
+                                       for kind, end in (("segmenter", ""), ("evaluate", ":"))])
 
         # The semantic-only control: the same control recipe without the uncertainty branch, used with it off.
         semantic = work / f"semantic_only_seed_{seed}"
@@ -131,7 +268,7 @@ def run(args) -> None:
         config = workflow_config(
             args, semantic, seed,
             {"control": {"args": {"train_branch": "semantic", "labeled_fraction": 1.0}},
-             "generate": {"args": {"uncertainty_conditioning_scale": 0.0}}},
+             "generate": {"args": {"uncertainty_conditioning_scale": 0.0, **generate_overrides}}},
             {"source_only": {}, "semantic_only": dict(SYNTHETIC)},
         )
         print(f"== seed {seed}, semantic-only control: {semantic}", flush=True)
@@ -153,6 +290,8 @@ def collect(args) -> dict:
             for name in UNCERTAINTY_AWARE:
                 folders[f"{name} (round {round_index})"] = (work / f"seed_{seed}" / "rounds" / f"round_{round_index}" /
                                                             "evaluation" / name)
+        for multiple in args.synthetic_counts:
+            folders[sweep_row(multiple)] = work / f"seed_{seed}" / "evaluation" / sweep_variant(multiple)
         for name, folder in folders.items():
             target, source = read(folder / "target_val" / "metrics.json"), read(folder / "source_val" / "metrics.json")
             if target is not None and source is not None:
@@ -166,7 +305,36 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
-def summarize(args, table: dict) -> str:
+def best_uncertainty_aware(table: dict) -> str | None:
+    """The uncertainty-aware row (any round, not a sweep row) with the highest mean target/val mIoU, or `None`."""
+    aware = [name for name in table if name.split(" (")[0] in UNCERTAINTY_AWARE and not is_sweep_row(name)]
+    if not aware:
+        return None
+    return max(aware, key=lambda name: statistics.mean(r["target"]["mIoU"] for r in table[name].values()))
+
+
+def sweep_table(args, table: dict, sweep: dict | None) -> list[str]:
+    """The results.md lines of the synthetic-count sweep (none without finished sweep rows)."""
+    found = [m for m in args.synthetic_counts if sweep_row(m) in table]
+    if not found:
+        return []
+    num_source = sweep["num_source_train"] if sweep else None
+    lines = ["", f"Synthetic-count sweep: {SWEEP_RECIPE} trained with the first n synthetic samples, n = multiple x "
+                 f"{num_source if num_source is not None else 'N'} labeled source/train images (same steps and "
+                 "synthetic ratio in every row).", "",
+             "| multiple | synthetic samples | n | target/val mIoU | source/val mIoU |", "|---|---|---|---|---|"]
+    for multiple in sorted(found):
+        runs = list(table[sweep_row(multiple)].values())
+        samples = sweep["samples"][multiple] if sweep else "n/a"
+        lines.append(f"| {multiple:g}x | {samples} | {len(runs)} | {mean_spread([r['target']['mIoU'] for r in runs])} | "
+                     f"{mean_spread([r['source']['mIoU'] for r in runs])} |")
+    if sweep and sweep.get("generated_samples"):
+        lines += ["", f"(The {SWEEP_RECIPE} row of the first table reads every generated sample: "
+                      f"{sweep['generated_samples']} per seed.)"]
+    return lines
+
+
+def summarize(args, table: dict, sweep: dict | None = None) -> str:
     order = ["source_only", "photometric", "fda", "semantic_only", *UNCERTAINTY_AWARE,
              *[f"{name} (round {r})" for r in range(2, args.refine_rounds + 1) for name in UNCERTAINTY_AWARE],
              *ICCLD_ROWS]
@@ -181,9 +349,8 @@ def summarize(args, table: dict) -> str:
             f"{mean_spread([r['target']['pixel_accuracy'] for r in runs])} | "
             f"{mean_spread([r['source']['mIoU'] for r in runs])} |"
         )
-    aware = [name for name in table if name.split(" (")[0] in UNCERTAINTY_AWARE]
-    if aware and "source_only" in table and "photometric" in table:
-        best = max(aware, key=lambda name: statistics.mean(r["target"]["mIoU"] for r in table[name].values()))
+    best = best_uncertainty_aware(table)
+    if best is not None and "source_only" in table and "photometric" in table:
         shown = ["source_only", "photometric", best]
         classes = [entry["class"] for entry in next(iter(table["source_only"].values()))["target"]["per_class"]]
         lines += ["", f"Per-class target/val IoU (mean over seeds): source_only, photometric and the best "
@@ -196,20 +363,44 @@ def summarize(args, table: dict) -> str:
                 values = [value for value in values if value is not None]
                 cells.append(f"{100 * statistics.mean(values):.1f}" if values else "n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += sweep_table(args, table, sweep)
     return "\n".join(lines) + "\n"
+
+
+def generated_samples(folder: Path) -> int | None:
+    """Samples of a finished generated dataset (from its `generation_config.json`), `None` when unfinished."""
+    from diffusers_uncertainty.synthetic_evaluation import read_generation_settings
+
+    settings = read_generation_settings(folder) if (folder / MARKER).is_file() else None
+    return None if settings is None else settings["num_labels"] * settings["samples_per_label"]
 
 
 def main(args):
     start = time.perf_counter()
     if not args.report_only:
         run(args)
-    table = collect(args)
-    text = summarize(args, table)
     work = Path(args.work_dir)
+    first = work / f"seed_{args.seeds[0]}"
+    config = workflow_config(args, first, args.seeds[0], {"refine_rounds": args.refine_rounds}, rows(args))
+    table = collect(args)
+    sweep = None
+    if args.synthetic_counts and source_train_count(config) is not None:
+        sweep = sweep_settings(args, config)
+        sweep["generated_samples"] = generated_samples(first / "synthetic")
+        config.setdefault("generate", {}).setdefault("args", {})["samples_per_label"] = sweep["samples_per_label"]
+    text = summarize(args, table, sweep)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "seeds": args.seeds,
-                                                   "table": table}, indent=2, default=str))
-    (work / "results.md").write_text(text)
+    results = {"command": " ".join(sys.argv), "seeds": args.seeds, "table": table,
+               "best_uncertainty_aware": best_uncertainty_aware(table),
+               "config": json.loads(json.dumps(config, default=str))}
+    if sweep is not None:
+        results["synthetic_counts"] = {
+            "recipe": SWEEP_RECIPE, "num_source_train": sweep["num_source_train"],
+            "generated_samples_per_seed": sweep["generated_samples"],
+            "rows": {sweep_row(m): {"multiple": m, "samples": n} for m, n in sweep["samples"].items()},
+        }
+    write_json_atomic(work / "results.json", results)
+    write_text_atomic(work / "results.md", text)
     print(text)
     print(f"Done in {time.perf_counter() - start:.0f} s; {work / 'results.md'}")
 

@@ -65,7 +65,7 @@ from diffusers_uncertainty.segmentation import (
     metrics_to_markdown,
     mixture_weights,
 )
-from diffusers_uncertainty.segmentation.data import concat_datasets, list_collate
+from diffusers_uncertainty.segmentation.data import concat_datasets, first_samples, list_collate
 from diffusers_uncertainty.segmentation.device_data import (
     DATASET_PLACEMENTS,
     DeviceSegmentationDataset,
@@ -118,6 +118,10 @@ def parse_args(input_args=None):
                         help="Synthetic labeled sources (e.g. a generated dataset with `image` and `label` columns).")
     parser.add_argument("--synthetic_ratio", type=float, default=None,
                         help="Fraction of training draws taken from --synthetic_data_dir (default: proportional to size).")
+    parser.add_argument("--max_synthetic_samples", type=int, default=None,
+                        help="Use only the first N synthetic samples: --synthetic_data_dir sources in the order given, "
+                             "a generated dataset read by sample index, then label map (one sample of every label "
+                             "map before the second of any), any other source in its stored order. Default: all.")
     parser.add_argument("--validation_data_dir", type=str, default=None, help="Labeled folder/dataset for validation.")
     parser.add_argument("--dataset_split", type=str, default="train", help="Split used for `datasets` sources.")
     parser.add_argument("--image_column", type=str, default="image")
@@ -246,6 +250,11 @@ def parse_args(input_args=None):
             raise ValueError("`--synthetic_ratio` needs at least one `--synthetic_data_dir`.")
         if not 0.0 <= args.synthetic_ratio <= 1.0:
             raise ValueError(f"`--synthetic_ratio` must be in [0, 1], got {args.synthetic_ratio}.")
+    if args.max_synthetic_samples is not None:
+        if not args.synthetic_data_dir:
+            raise ValueError("`--max_synthetic_samples` needs at least one `--synthetic_data_dir`.")
+        if args.max_synthetic_samples < 1:
+            raise ValueError(f"`--max_synthetic_samples` must be at least 1, got {args.max_synthetic_samples}.")
     if len(args.band_weights) != len(args.band_radii):
         raise ValueError(
             f"`--band_weights` ({len(args.band_weights)}) must have one weight per `--band_radii` ({len(args.band_radii)})."
@@ -400,8 +409,8 @@ def build_training_data(args):
         args (`argparse.Namespace`): Parsed arguments.
 
     Returns:
-        `Tuple`: the sources (real first, then synthetic), per-sample base sampling weights of their concatenation,
-        size of each source.
+        `Tuple`: the sources (real first, then synthetic, cut to `--max_synthetic_samples`), per-sample base sampling
+        weights of their concatenation, size of each source.
     """
     real = [
         load_segmentation_data(src, args.num_classes, args.ignore_index, split=args.dataset_split,
@@ -415,6 +424,8 @@ def build_training_data(args):
                                argument=f"--synthetic_data_dir {src}")
         for src in args.synthetic_data_dir
     ]
+    if args.max_synthetic_samples is not None:
+        synthetic = first_samples(synthetic, args.max_synthetic_samples)
     sources = real + synthetic
     lengths = [len(d) for d in sources]
     if args.train_data_weights is not None:

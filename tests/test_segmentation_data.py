@@ -144,3 +144,56 @@ def test_metrics_match_hand_computation_and_exclude_ignore():
     assert result["labeled_pixels"] == 4
     table = metrics_to_markdown(result, title="t")
     assert "| b | 66.67 | 80.00 | 2 |" in table and "| c | n/a | n/a | 0 |" in table
+
+
+def _train_segmentation_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_segmentation.py"
+    spec = importlib.util.spec_from_file_location("train_segmentation_for_data_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_max_synthetic_samples_takes_the_first_samples_one_per_label_map_first(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train = _train_segmentation_script()
+    real = write_folder(tmp_path / "real", n=3)
+    # A generated dataset is stored label map by label map: (label 0, sample 0), (0, 1), (1, 0), ...; the red channel
+    # of each image encodes its row.
+    rows = [(label_id, sample_index) for label_id in range(3) for sample_index in range(2)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(),
+                                  "source_label_id": datasets.Value("int64"), "sample_index": datasets.Value("int64")})
+    datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (16, 8), (row, 0, 0)) for row in range(len(rows))],
+         "label": [Image.fromarray(np.zeros((8, 16), np.uint8)) for _ in rows],
+         "source_label_id": [label_id for label_id, _ in rows], "sample_index": [index for _, index in rows]},
+        features=features,
+    ).save_to_disk(str(tmp_path / "generated"))
+    plain = write_folder(tmp_path / "plain", n=4)
+    base = ["--train_data_dir", str(real), "--num_classes", "2", "--resolution", "8"]
+
+    args = train.parse_args(base + ["--synthetic_data_dir", str(tmp_path / "generated"), str(plain),
+                                    "--synthetic_ratio", "0.5", "--max_synthetic_samples", "4"])
+    sources, weights, lengths = train.build_training_data(args)
+    assert lengths == [3, 4]  # the second source is not used at all
+    # One sample of each of the three label maps (rows 0, 2, 4), then the second sample of label map 0 (row 1).
+    assert [sources[1][i]["image"].getpixel((0, 0))[0] for i in range(4)] == [0, 2, 4, 1]
+    assert sum(weights[3:]) == pytest.approx(0.5)  # --synthetic_ratio applies to the samples kept
+
+    args = train.parse_args(base + ["--synthetic_data_dir", str(tmp_path / "generated"), str(plain),
+                                    "--max_synthetic_samples", "8"])
+    sources, _, lengths = train.build_training_data(args)
+    assert lengths == [3, 6, 2]  # the generated dataset whole, then the folder's first two files
+    assert sources[2].image_paths == [str(plain / "images" / "im0.png"), str(plain / "images" / "im1.png")]
+
+    args = train.parse_args(base + ["--synthetic_data_dir", str(plain), "--max_synthetic_samples", "5"])
+    with pytest.raises(ValueError, match=r"`--max_synthetic_samples` asks for 5 samples, but the synthetic data holds "
+                                         r"only 4 \(4 in its sources\)"):
+        train.build_training_data(args)
+    with pytest.raises(ValueError, match=r"`--max_synthetic_samples` must be at least 1, got 0"):
+        train.parse_args(base + ["--synthetic_data_dir", str(plain), "--max_synthetic_samples", "0"])
+    with pytest.raises(ValueError, match=r"`--max_synthetic_samples` needs at least one `--synthetic_data_dir`"):
+        train.parse_args(base + ["--max_synthetic_samples", "2"])

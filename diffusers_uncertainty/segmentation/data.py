@@ -228,6 +228,79 @@ def mixture_weights(lengths: Sequence[int], weights: Sequence[float]) -> List[fl
     return out
 
 
+class SampleSubset(Dataset):
+    """Some samples of a [`SegmentationFolder`] or [`HFSegmentationDataset`], in the given order, with the attributes
+    the training data paths read (`has_labels`, and `image_paths` for a folder).
+
+    Args:
+        dataset (`Dataset`): The source.
+        indices (`Sequence[int]`): Its samples to keep.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = list(indices)
+        paths = getattr(dataset, "image_paths", None)
+        self.image_paths = None if paths is None else [paths[i] for i in self.indices]
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every sample has a label map."""
+        return self.dataset.has_labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Dict:
+        return self.dataset[self.indices[index]]
+
+
+def generation_order(dataset: Dataset) -> List[int]:
+    """The order in which [`first_samples`] takes a source's samples.
+
+    A dataset written by `examples/generate_synthetic_dataset.py` (columns `sample_index` and `source_label_id`;
+    stored label map by label map) is read by sample index, then label map: one sample of every label map before the
+    second of any, so that the first N samples spread over the label maps (the order in which `evaluate_synthetic.py`
+    takes its constant-level samples). Any other source keeps its stored order (a folder: sorted file names).
+
+    Args:
+        dataset (`Dataset`): A [`SegmentationFolder`] or [`HFSegmentationDataset`].
+    """
+    rows = getattr(dataset, "dataset", None)
+    columns = getattr(rows, "column_names", None) or []
+    if isinstance(dataset, HFSegmentationDataset) and "sample_index" in columns and "source_label_id" in columns:
+        keys = list(zip(rows["sample_index"], rows["source_label_id"]))
+        return sorted(range(len(keys)), key=lambda i: (keys[i], i))
+    return list(range(len(dataset)))
+
+
+def first_samples(datasets: Sequence[Dataset], count: int, argument: str = "--max_synthetic_samples") -> List[Dataset]:
+    """The first `count` samples of several sources: source after source, each in its [`generation_order`]. A source
+    used whole is returned as is, a partly used one as a [`SampleSubset`], an unused one is left out.
+
+    Args:
+        datasets (`Sequence[Dataset]`): [`SegmentationFolder`] / [`HFSegmentationDataset`] sources.
+        count (`int`): Samples to keep (at least 1, at most their total).
+        argument (`str`, defaults to `"--max_synthetic_samples"`): Argument name used in error messages.
+    """
+    if count < 1:
+        raise ValueError(f"`{argument}` must be at least 1, got {count}.")
+    total = sum(len(dataset) for dataset in datasets)
+    if total < count:
+        raise ValueError(
+            f"`{argument}` asks for {count} samples, but the synthetic data holds only {total} "
+            f"({' + '.join(str(len(dataset)) for dataset in datasets)} in its sources); generate more, or ask for fewer."
+        )
+    kept, remaining = [], count
+    for dataset in datasets:
+        if remaining == 0:
+            break
+        take = min(remaining, len(dataset))
+        kept.append(dataset if take == len(dataset) else SampleSubset(dataset, generation_order(dataset)[:take]))
+        remaining -= take
+    return kept
+
+
 class PhotometricAugmentation:
     """Random photometric changes of an image tensor in `[0, 1]` (geometry untouched, so labels stay valid):
     brightness, contrast, gamma, Gaussian blur and Gaussian noise, through `torchvision.transforms.v2.functional`.

@@ -346,3 +346,35 @@ def test_compute_uncertainty_gives_the_per_image_maps(tmp_path):
         # across a 16-bit rounding boundary; the float maps agree to 1e-6 (their means, the scores, show it).
         assert np.abs(stored.astype(np.int64) - expected).max() <= 1
         assert scores[sample["name"]] == pytest.approx(float(full.mean()), abs=1e-6)
+
+
+def test_a_device_flexseg_training_step_reads_nothing_on_the_host(tmp_path):
+    """Batch draw from the hardness sampler, photometric augmentation, FDA, the FLEX-Seg terms (boundary emphasis,
+    bands, prototypes), backward, clipping and the sampler update: no operator reads tensor values on the host (each
+    would be a device sync every step on a GPU). The Dice term is left out here: smp's `DiceLoss` one-hot checks its
+    labels with `.item()` on the CPU only (not on CUDA)."""
+    from diffusers_uncertainty.segmentation import HardnessAwareSampler
+    from diffusers_uncertainty.segmentation.losses import FlexSegLoss
+    from diffusers_uncertainty.training.performance import HostReadCounter
+
+    folder = load_segmentation_data(str(scene_folder(tmp_path / "d", 6, seed=0)), 3, 255)
+    data = DeviceSegmentationDataset([folder], 32, "cpu", photometric=PhotometricAugmentation())
+    targets = [Image.fromarray((np.random.default_rng(i).random((32, 40, 3)) * 255).astype(np.uint8)) for i in range(3)]
+    fda = FourierDomainAdaptation(targets, 32, beta=0.05, device="cpu")
+    model = create_segmentation_model("unet", "resnet18", num_classes=3, ignore_index=255, encoder_depth=3,
+                                      decoder_channels=[16, 8, 8])
+    loss_fn = FlexSegLoss(3, 255, ube_weight=1.0, band_weight=0.5, proto_weight=0.1, feature_dim=model.feature_channels)
+    sampler = HardnessAwareSampler([1.0] * 6, max_hardness=0.5)
+    sampler.set_progress(0.5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        with HostReadCounter() as counter:
+            batch = next(data.batches(2, sampler=sampler, generator=generator, augment_generator=generator))
+            pixel_values = fda(batch["pixel_values"], generator=generator)
+            output = model(pixel_values, return_features=loss_fn.needs_features)
+            terms = loss_fn(output.logits, batch["labels"], output.features)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            sampler.update(batch["index"], terms["per_sample"])
+        assert counter.host_reads == 0, counter.host_read_operators
+        model.zero_grad()

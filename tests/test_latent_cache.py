@@ -309,3 +309,30 @@ def test_compiled_joint_control_step_has_no_graph_break_and_no_recompile_as_the_
     for got, expected in zip(compiled, eager):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_a_cached_base_unet_step_reads_nothing_on_the_host(components):
+    """The base model's UNet stage on the latent cache (`train_base_model.py`'s loop body: batch draw, latent sample,
+    noise, timesteps, prompt embedding, loss, backward, clipping) has no host read."""
+    from diffusers_uncertainty.base_model import build_noise_scheduler
+
+    records = [dict(record, label=None, uncertainty=None) for record in _records((24, 16), count=6)]
+    prompt_cache = PromptEmbeddingCache(components["text_encoder"], components["tokenizer"], [""])
+    cache = LatentCache.from_records(components["vae"], records, 16, prompt_cache, random_flip=True,
+                                     show_progress=False)
+    sampler = DeviceBatchSampler(len(cache), 4, "cpu", seed=0)
+    unet = build_tiny_components(num_classes=NUM_CLASSES)["unet"].train()
+    scheduler = build_noise_scheduler()
+    for batch_index in range(2):
+        with HostReadCounter() as counter:
+            batch = cache.batch(sampler.indices(0, batch_index), sampler.generator("batch", 0, batch_index))
+            with torch.no_grad():
+                latents = sample_latents(components["vae"], batch, torch.float32)
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            prediction = unet(noisy, timesteps, prompt_cache(batch["prompt_ids"]), return_dict=False)[0]
+            torch.nn.functional.mse_loss(prediction.float(), noise.float()).backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        assert counter.host_reads == 0, counter.host_read_operators
+        unet.zero_grad()

@@ -755,8 +755,7 @@ def main(args):
             batch = latent_cache.batch(cache_sampler.indices(epoch, index), generator)
         else:
             batch = next(batch_iterator)
-        if args.torch_compile:
-            mark_step_begin(args.torch_compile_mode)
+        mark_step_begin(args.torch_compile_mode)  # (CUDA-graph modes only)
         with torch.no_grad():
             latents = sample_latents(vae, batch, weight_dtype)
         noise = torch.randn_like(latents)

@@ -771,8 +771,7 @@ def main(args):
                 pixel_values = fda(pixel_values, generator=augment_generator, apply=apply)
             if channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            if args.torch_compile:
-                mark_step_begin(args.torch_compile_mode)
+            mark_step_begin(args.torch_compile_mode)  # (CUDA-graph modes only)
             with accelerator.accumulate(model):
                 if discriminator is None:
                     with accelerator.autocast():

@@ -1466,8 +1466,7 @@ def main(args):
 
     for epoch in range(first_epoch, args.num_train_epochs):
         for step, batch in enumerate(epoch_batches(epoch, resume_batches if epoch == first_epoch else 0)):
-            if args.torch_compile:
-                mark_step_begin(args.torch_compile_mode)
+            mark_step_begin(args.torch_compile_mode)  # (CUDA-graph modes only)
             with accelerator.accumulate(*trained_models):
                 loss = compute_loss(
                     batch, vae, text_encoder, unet, controlnet, noise_scheduler, args.train_branch,

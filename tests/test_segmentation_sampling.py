@@ -119,3 +119,11 @@ def test_mixture_weights_give_each_dataset_its_share():
     assert weights[3:].sum().item() == pytest.approx(0.75)
     with pytest.raises(ValueError, match="2 datasets but 1 weights"):
         mixture_weights([3, 1], [1.0])
+
+
+def test_state_dict_is_a_copy_that_later_updates_leave_alone():
+    sampler = HardnessAwareSampler([1.0] * 3)
+    sampler.update(torch.tensor([0]), torch.tensor([1.0]))
+    state = sampler.state_dict()
+    sampler.update(torch.tensor([1, 2]), torch.tensor([2.0, 3.0]))
+    assert state["seen"].tolist() == [True, False, False] and state["difficulty"].tolist() == [1.0, 0.0, 0.0]

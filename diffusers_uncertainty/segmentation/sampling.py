@@ -141,9 +141,9 @@ class HardnessAwareSampler(Sampler[int]):
         difficulty = torch.where(self.seen, self.difficulty, mean)
         hard = self.base * difficulty.clamp_min(0.0) ** self.gamma
         total = hard.sum()
-        hard = torch.where(total > 0, hard / torch.where(total > 0, total, 1.0), self.base)
-        # Nothing seen yet (or every difficulty 0): the base distribution.
-        return torch.where(self.seen.any() & (total > 0), (1.0 - mix) * self.base + mix * hard, self.base)
+        # Nothing seen yet, or every difficulty 0: the base distribution (the division by 1 is then discarded).
+        mixed = (1.0 - mix) * self.base + mix * hard / torch.where(total > 0, total, 1.0)
+        return torch.where(self.seen.any() & (total > 0), mixed, self.base)
 
     def draw(self, count: int) -> torch.Tensor:
         """`count` indices (on the sampler's device, with replacement) from the current distribution.
@@ -160,9 +160,10 @@ class HardnessAwareSampler(Sampler[int]):
     def state_dict(self) -> dict:
         """State for checkpointing (difficulties, progress, generator)."""
         return {
-            "difficulty": self.difficulty.cpu(),
-            "seen": self.seen.cpu(),
-            "invalid_loss": self.invalid_loss.cpu(),
+            # Copies (`.cpu()` of a CPU tensor would alias the live state, which updates change in place).
+            "difficulty": self.difficulty.to("cpu", copy=True),
+            "seen": self.seen.to("cpu", copy=True),
+            "invalid_loss": self.invalid_loss.to("cpu", copy=True),
             "progress": self.progress,
             "generator": self.generator.get_state(),
         }

@@ -81,7 +81,7 @@ def mark_step_begin(mode: str) -> None:
 
     Args:
         mode (`str`):
-            The `--torch_compile_mode` of the run (`None` when not compiling).
+            The `--torch_compile_mode` of the run (`default` unless compiling: `check_torch_compile_mode`).
     """
     if mode in ("reduce-overhead", "max-autotune"):
         torch.compiler.cudagraph_mark_step_begin()

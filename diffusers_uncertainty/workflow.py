@@ -218,6 +218,47 @@ def segmenter_flags(segmenter: dict, variant: dict, base_path: str, unlabeled_di
     return flags
 
 
+def variant_data_flags(name: str, variant: dict, variants: dict, segmenters_dir: Path, synthetic: Path) -> dict:
+    r"""
+    A variant's flags with the workflow's own keys turned into train_segmentation.py flags: `synthetic: true` ->
+    `--synthetic_data_dir <synthetic>`, `synthetic_filter: <variant>` -> `--synthetic_filter_model` (that variant's
+    segmenter scores the synthetic samples; `synthetic_keep_fraction` says how many are kept).
+
+    Args:
+        name (`str`):
+            The variant.
+        variant (`dict`):
+            Its mapping in the config's `variants:`.
+        variants (`dict`):
+            All of them, in order.
+        segmenters_dir (`Path`):
+            Where round 1 writes the variants' segmenters (`<output_dir>/segmenters`).
+        synthetic (`Path`):
+            The generated dataset this variant reads.
+    """
+    flags = dict(variant or {})
+    if flags.pop("synthetic", False):
+        flags["synthetic_data_dir"] = synthetic
+    judge = flags.pop("synthetic_filter", None)
+    if judge is None:
+        if "synthetic_keep_fraction" in flags:
+            raise ValueError(f"Variant {name!r}: `synthetic_keep_fraction` needs `synthetic_filter: <variant>`.")
+        return flags
+    earlier = list(variants)[: list(variants).index(name)]
+    if "synthetic_data_dir" not in flags or "synthetic_keep_fraction" not in flags:
+        raise ValueError(
+            f"Variant {name!r}: `synthetic_filter` needs `synthetic: true` and `synthetic_keep_fraction` (the share "
+            f"of the synthetic samples kept), got {sorted(variant)}."
+        )
+    if judge not in earlier or (variants[judge] or {}).get("synthetic"):
+        raise ValueError(
+            f"Variant {name!r}: `synthetic_filter` must name a variant listed before it and trained without synthetic "
+            f"data (e.g. `photometric`), got {judge!r}; earlier variants: {earlier}."
+        )
+    flags["synthetic_filter_model"] = segmenters_dir / judge
+    return flags
+
+
 def to_flags(args: dict) -> list[str]:
     r"""
     Turn a mapping into command-line flags: `{"a": 1, "b": True, "c": [1, 2], "d": None, "e": False}` ->
@@ -379,13 +420,11 @@ def plan(config: dict) -> list[Stage]:
 
     variants = config.get("variants") or {"source_only": {}}
     for name, variant in variants.items():
-        variant = dict(variant or {})
         if name == "source_only" and not variant:
             folder, train_flags = source_segmenter, None  # the source segmenter: trained above, only evaluated
         else:
             folder = out / "segmenters" / name
-            if variant.pop("synthetic", False):
-                variant["synthetic_data_dir"] = synthetic
+            variant = variant_data_flags(name, variant, variants, out / "segmenters", synthetic)
             train_flags = {"seed": seed, **common, **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}
         stages += segmenter_stages("", name, train_flags, folder, out / "evaluation", root, data["resolution"],
                                    evaluate_args)
@@ -520,10 +559,9 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
              "resolution": data["resolution"], "output_dir": synthetic, **generate_args,
              "seed": seed + 1000 * (round_index - 1)}))
         for variant_name, variant in variants.items():
-            variant = dict(variant or {})
-            if not variant.pop("synthetic", False):
+            if not (variant or {}).get("synthetic"):
                 continue
-            variant["synthetic_data_dir"] = synthetic
+            variant = variant_data_flags(variant_name, variant, variants, out / "segmenters", synthetic)
             train_flags = {"seed": seed, **common, **segmenter_flags(segmenter, variant, base_path, unlabeled_dir)}
             stages += segmenter_stages(prefix, variant_name, train_flags, folder / "segmenters" / variant_name,
                                        folder / "evaluation", root, data["resolution"], evaluate_args)

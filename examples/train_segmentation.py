@@ -27,6 +27,7 @@ The structure (argument names, accelerate setup, checkpointing with `--checkpoin
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -62,6 +63,7 @@ from diffusers_uncertainty.segmentation import (
     dann_lambda,
     domain_adversarial_loss,
     load_segmentation_data,
+    load_segmenter,
     metrics_to_markdown,
     mixture_weights,
 )
@@ -76,6 +78,7 @@ from diffusers_uncertainty.segmentation.device_data import (
     StreamedEvaluationBatches,
 )
 from diffusers_uncertainty.segmentation.fourier import FourierDomainAdaptation
+from diffusers_uncertainty.segmentation.label_agreement import keep_most_agreeing, label_agreement_scores
 from diffusers_uncertainty.segmentation.io_utils import (
     resize_probs,
     save_pretrained_atomic,
@@ -122,6 +125,13 @@ def parse_args(input_args=None):
                         help="Use only the first N synthetic samples: --synthetic_data_dir sources in the order given, "
                              "a generated dataset read by sample index, then label map (one sample of every label "
                              "map before the second of any), any other source in its stored order. Default: all.")
+    parser.add_argument("--synthetic_filter_model", type=str, default=None,
+                        help="A trained segmenter (e.g. one trained with --photometric_augmentation) that scores every "
+                             "synthetic sample by the agreement of its prediction with the sample's label map "
+                             "(per-image mIoU); with --synthetic_keep_fraction only the best-agreeing share is used.")
+    parser.add_argument("--synthetic_keep_fraction", type=float, default=None,
+                        help="Share of the synthetic samples kept by --synthetic_filter_model, in (0, 1] (one ranking "
+                             "over every --synthetic_data_dir, after --max_synthetic_samples).")
     parser.add_argument("--validation_data_dir", type=str, default=None, help="Labeled folder/dataset for validation.")
     parser.add_argument("--dataset_split", type=str, default="train", help="Split used for `datasets` sources.")
     parser.add_argument("--image_column", type=str, default="image")
@@ -255,6 +265,16 @@ def parse_args(input_args=None):
             raise ValueError("`--max_synthetic_samples` needs at least one `--synthetic_data_dir`.")
         if args.max_synthetic_samples < 1:
             raise ValueError(f"`--max_synthetic_samples` must be at least 1, got {args.max_synthetic_samples}.")
+    if (args.synthetic_filter_model is None) != (args.synthetic_keep_fraction is None):
+        raise ValueError(
+            "`--synthetic_filter_model` and `--synthetic_keep_fraction` go together, got only "
+            f"{'--synthetic_filter_model' if args.synthetic_keep_fraction is None else '--synthetic_keep_fraction'}."
+        )
+    if args.synthetic_filter_model is not None:
+        if not args.synthetic_data_dir:
+            raise ValueError("`--synthetic_filter_model` needs at least one `--synthetic_data_dir`.")
+        if not 0.0 < args.synthetic_keep_fraction <= 1.0:
+            raise ValueError(f"`--synthetic_keep_fraction` must be in (0, 1], got {args.synthetic_keep_fraction}.")
     if len(args.band_weights) != len(args.band_radii):
         raise ValueError(
             f"`--band_weights` ({len(args.band_weights)}) must have one weight per `--band_radii` ({len(args.band_radii)})."
@@ -402,15 +422,18 @@ def method_name(args) -> str:
     return "+".join(parts) if parts else "source-only"
 
 
-def build_training_data(args):
+def build_training_data(args, device="cpu", autocast=contextlib.nullcontext):
     """Opens and checks every source (raises before any training).
 
     Args:
         args (`argparse.Namespace`): Parsed arguments.
+        device (`torch.device`, defaults to `"cpu"`): Where `--synthetic_filter_model` scores the synthetic samples.
+        autocast (`Callable`, defaults to `contextlib.nullcontext`): Context of its forward passes.
 
     Returns:
-        `Tuple`: the sources (real first, then synthetic, cut to `--max_synthetic_samples`), per-sample base sampling
-        weights of their concatenation, size of each source.
+        `Tuple`: the sources (real first, then synthetic, cut to `--max_synthetic_samples`, then filtered by
+        `--synthetic_filter_model`), per-sample base sampling weights of their concatenation, size of each source,
+        and the filter's summary (`None` without a filter).
     """
     real = [
         load_segmentation_data(src, args.num_classes, args.ignore_index, split=args.dataset_split,
@@ -426,6 +449,9 @@ def build_training_data(args):
     ]
     if args.max_synthetic_samples is not None:
         synthetic = first_samples(synthetic, args.max_synthetic_samples)
+    synthetic_filter = None
+    if args.synthetic_filter_model is not None:
+        synthetic, synthetic_filter = filter_synthetic(args, synthetic, device, autocast)
     sources = real + synthetic
     lengths = [len(d) for d in sources]
     if args.train_data_weights is not None:
@@ -439,7 +465,49 @@ def build_training_data(args):
         real_weights = [(1 - args.synthetic_ratio) * w / real_total for w in real_weights]
         synthetic_weights = [args.synthetic_ratio * w / synth_total for w in synthetic_weights]
     base_weights = mixture_weights(lengths, real_weights + synthetic_weights)
-    return sources, base_weights, lengths
+    return sources, base_weights, lengths, synthetic_filter
+
+
+def filter_synthetic(args, synthetic, device, autocast):
+    """Keeps the `--synthetic_keep_fraction` of the synthetic samples whose labels `--synthetic_filter_model` agrees
+    with best (per-image mIoU of its prediction against the label map; one ranking over every source).
+
+    Args:
+        args (`argparse.Namespace`): Parsed arguments.
+        synthetic (`List[Dataset]`): The synthetic sources.
+        device (`torch.device`): Where the filter model runs.
+        autocast (`Callable`): Context of its forward passes.
+
+    Returns:
+        `Tuple`: the kept sources and a summary (written to `<output_dir>/synthetic_filter.json`).
+    """
+    model = load_segmenter(args.synthetic_filter_model).to(device).eval()
+    if model.config.num_classes != args.num_classes:
+        raise ValueError(
+            f"`--synthetic_filter_model` {args.synthetic_filter_model!r} predicts {model.config.num_classes} classes, "
+            f"but `--num_classes` is {args.num_classes}."
+        )
+    scores = [
+        label_agreement_scores(model, source, args.resolution, args.num_classes, args.ignore_index,
+                               batch_size=args.validation_batch_size, autocast=autocast)
+        for source in synthetic
+    ]
+    kept, indices = keep_most_agreeing(synthetic, scores, args.synthetic_keep_fraction)
+    del model
+    every = torch.cat(scores)
+    chosen = torch.zeros(len(every), dtype=torch.bool)
+    chosen[indices] = True
+    summary = {
+        "model": args.synthetic_filter_model,
+        "keep_fraction": args.synthetic_keep_fraction,
+        "num_scored": len(every),
+        "num_kept": int(chosen.sum()),
+        "lowest_kept_score": float(every[chosen].nan_to_num(-1.0).min()),
+        "mean_score_kept": float(every[chosen].nanmean()),
+        "mean_score_dropped": float(every[~chosen].nanmean()) if (~chosen).any() else None,
+        "scores": [source_scores.tolist() for source_scores in scores],  # per source, in its sample order
+    }
+    return kept, summary
 
 
 def build_fda(args, device):
@@ -558,7 +626,7 @@ def main(args):
         set_seed(args.seed)
 
     # Data first: bad input stops here, before a model is built.
-    sources, base_weights, lengths = build_training_data(args)
+    sources, base_weights, lengths, synthetic_filter = build_training_data(args, accelerator.device, accelerator.autocast)
     num_real = sum(lengths[: len(args.train_data_dir)])
     nbytes = decoded_nbytes(sources, args.resolution) if args.dataset_placement == "auto" else 0
     placement = choose_dataset_placement(
@@ -594,6 +662,14 @@ def main(args):
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if synthetic_filter is not None:
+            write_json_atomic(os.path.join(args.output_dir, "synthetic_filter.json"), synthetic_filter)
+            dropped = synthetic_filter["mean_score_dropped"]
+            logger.info(
+                f"Synthetic filter: kept {synthetic_filter['num_kept']} of {synthetic_filter['num_scored']} samples "
+                f"(mean label agreement {synthetic_filter['mean_score_kept']:.3f} kept, "
+                f"{'-' if dropped is None else f'{dropped:.3f}'} dropped)"
+            )
 
     model = build_model(args)
     if args.resolution % model.output_stride:

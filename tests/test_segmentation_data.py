@@ -177,7 +177,7 @@ def test_max_synthetic_samples_takes_the_first_samples_one_per_label_map_first(t
 
     args = train.parse_args(base + ["--synthetic_data_dir", str(tmp_path / "generated"), str(plain),
                                     "--synthetic_ratio", "0.5", "--max_synthetic_samples", "4"])
-    sources, weights, lengths = train.build_training_data(args)
+    sources, weights, lengths, _ = train.build_training_data(args)
     assert lengths == [3, 4]  # the second source is not used at all
     # One sample of each of the three label maps (rows 0, 2, 4), then the second sample of label map 0 (row 1).
     assert [sources[1][i]["image"].getpixel((0, 0))[0] for i in range(4)] == [0, 2, 4, 1]
@@ -185,7 +185,7 @@ def test_max_synthetic_samples_takes_the_first_samples_one_per_label_map_first(t
 
     args = train.parse_args(base + ["--synthetic_data_dir", str(tmp_path / "generated"), str(plain),
                                     "--max_synthetic_samples", "8"])
-    sources, _, lengths = train.build_training_data(args)
+    sources, _, lengths, _ = train.build_training_data(args)
     assert lengths == [3, 6, 2]  # the generated dataset whole, then the folder's first two files
     assert sources[2].image_paths == [str(plain / "images" / "im0.png"), str(plain / "images" / "im1.png")]
 

@@ -296,3 +296,38 @@ def test_refinement_rounds_read_the_previous_round_and_rerun_skips_them(tmp_path
         plan(dict(config, refine={"segmenter": "source_only"}))
     with pytest.raises(ValueError, match="`refine_rounds` must be a positive integer, but got 0"):
         plan(dict(config, refine_rounds=0))
+
+
+def test_synthetic_filter_variants_read_the_named_segmenter_in_every_round(tmp_path):
+    variants = {
+        "source_only": {},
+        "photometric": {"photometric_augmentation": True},
+        "filtered": {"synthetic": True, "photometric_augmentation": True, "synthetic_filter": "photometric",
+                     "synthetic_keep_fraction": 0.75},
+    }
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "variants": variants,
+                                                      "refine_rounds": 2})
+    stages = {stage.name: stage for stage in plan(config)}
+    for name, synthetic in (("segmenter:filtered", tmp_path / "synthetic"),
+                            ("round_2:segmenter:filtered", tmp_path / "rounds" / "round_2" / "synthetic")):
+        args = stages[name].args
+        assert args["synthetic_filter_model"] == tmp_path / "segmenters" / "photometric"  # round 1's, in every round
+        assert args["synthetic_data_dir"] == synthetic and args["synthetic_keep_fraction"] == 0.75
+        assert "synthetic_filter" not in args and "synthetic" not in args
+    flags = to_flags(stages["segmenter:filtered"].args)
+    assert flags[flags.index("--synthetic_filter_model") + 1] == str(tmp_path / "segmenters" / "photometric")
+
+    def planned(**variant):
+        return plan(dict(config, refine_rounds=1, variants=dict(variants, filtered=variant)))
+
+    with pytest.raises(ValueError, match=r"Variant 'filtered': `synthetic_filter` must name a variant listed before it "
+                                         r"and trained without synthetic data .*got 'later'"):
+        planned(synthetic=True, synthetic_filter="later", synthetic_keep_fraction=0.5)
+    with pytest.raises(ValueError, match=r"`synthetic_filter` needs `synthetic: true` and `synthetic_keep_fraction`"):
+        planned(synthetic=True, synthetic_filter="photometric")
+    with pytest.raises(ValueError, match=r"`synthetic_keep_fraction` needs `synthetic_filter: <variant>`"):
+        planned(synthetic=True, synthetic_keep_fraction=0.5)
+    with pytest.raises(ValueError, match=r"trained without synthetic data"):
+        plan(dict(config, refine_rounds=1, variants={
+            "synthetic": {"synthetic": True},
+            "filtered": {"synthetic": True, "synthetic_filter": "synthetic", "synthetic_keep_fraction": 0.5}}))

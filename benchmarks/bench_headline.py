@@ -14,6 +14,7 @@ section at the chosen scale):
 | synthetic | + synthetic data from the dual control (uncertainty bank of real target maps) |
 | synthetic_photometric | the row above + photometric augmentation |
 | synthetic_photometric_flexseg | the row above + FLEX-Seg losses |
+| synthetic_photometric_filtered | synthetic_photometric on the half of the synthetic samples the photometric segmenter agrees with best (per-image mIoU against the label map: `synthetic_filter`) |
 | round 2 | iterative refinement (`refine_rounds: 2`): the round-1 `synthetic_photometric_flexseg` segmenter re-estimates the maps, the control is fine-tuned, the data regenerated, the synthetic rows retrained |
 | iccld, iccld_adversarial | the latent-diffusion segmenter on the same base, without / with adversarial alignment (`--iccld`) |
 
@@ -71,12 +72,15 @@ ROWS = {
     "synthetic": dict(SYNTHETIC),
     "synthetic_photometric": dict(SYNTHETIC, photometric_augmentation=True),
     "synthetic_photometric_flexseg": dict(SYNTHETIC, photometric_augmentation=True, flexseg=True),
+    # Only the half of the synthetic samples whose label maps the photometric segmenter agrees with best.
+    "synthetic_photometric_filtered": dict(SYNTHETIC, photometric_augmentation=True, synthetic_filter="photometric",
+                                           synthetic_keep_fraction=0.5),
 }
 ICCLD_ROWS = {
     "iccld": {"model": "latent_diffusion", "adversarial_weight": 0},
     "iccld_adversarial": {"model": "latent_diffusion", "adversarial_weight": 0.2},
 }
-UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg")
+UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered")
 SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
 # Stages whose result every seed shares: trained once, by the first seed.
 SHARED_STAGES = ("base", "control", "uncertainty/source_train", "uncertainty/target_train")  # (+ generated data)

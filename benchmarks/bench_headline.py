@@ -15,6 +15,7 @@ section at the chosen scale):
 | synthetic_photometric | the row above + photometric augmentation |
 | synthetic_photometric_flexseg | the row above + FLEX-Seg losses |
 | synthetic_photometric_filtered | synthetic_photometric on the half of the synthetic samples the photometric segmenter agrees with best (per-image mIoU against the label map: `synthetic_filter`) |
+| synthetic_photometric_filtered_ratio25 | the row above with synthetic ratio 0.25 instead of 0.5 |
 | round 2 | iterative refinement (`refine_rounds: 2`): the round-1 `synthetic_photometric_flexseg` segmenter re-estimates the maps, the control is fine-tuned, the data regenerated, the synthetic rows retrained |
 | iccld, iccld_adversarial | the latent-diffusion segmenter on the same base, without / with adversarial alignment (`--iccld`) |
 
@@ -75,12 +76,16 @@ ROWS = {
     # Only the half of the synthetic samples whose label maps the photometric segmenter agrees with best.
     "synthetic_photometric_filtered": dict(SYNTHETIC, photometric_augmentation=True, synthetic_filter="photometric",
                                            synthetic_keep_fraction=0.5),
+    # The same filter with a quarter of each batch synthetic (the best toy recipe of the lever grid in RESULTS.md).
+    "synthetic_photometric_filtered_ratio25": dict(SYNTHETIC, synthetic_ratio=0.25, photometric_augmentation=True,
+                                                   synthetic_filter="photometric", synthetic_keep_fraction=0.5),
 }
 ICCLD_ROWS = {
     "iccld": {"model": "latent_diffusion", "adversarial_weight": 0},
     "iccld_adversarial": {"model": "latent_diffusion", "adversarial_weight": 0.2},
 }
-UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered")
+UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered",
+                     "synthetic_photometric_filtered_ratio25")
 SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
 # Stages whose result every seed shares: trained once, by the first seed.
 SHARED_STAGES = ("base", "control", "uncertainty/source_train", "uncertainty/target_train")  # (+ generated data)

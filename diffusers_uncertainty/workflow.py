@@ -525,12 +525,20 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
     then `refine.control.args`, e.g. fewer steps), the synthetic data is regenerated with the new control and the
     new target maps (generation seed offset by the round), and every synthetic variant is retrained from scratch
     on it and evaluated. Variants without synthetic data do not change between rounds and are not repeated.
+
+    With `refine.match_uncertainty: true` each round's maps of a split are given the value distribution of round 1's
+    maps of that split (`compute_uncertainty.py --match_reference_dir`): the new segmenter decides where a map is
+    uncertain, round 1 how uncertain each domain is, so the control is asked for as much target appearance as in
+    round 1 (an adapted segmenter is surer on the target, and its raw maps ask for less).
     """
     name = refinement_variant(config)
     if name is None:
         return []
     data, seed = config["data"], config.get("seed", 0)
     refine = config.get("refine") or {}
+    match_uncertainty = refine.get("match_uncertainty", False)
+    if not isinstance(match_uncertainty, bool):
+        raise ValueError(f"`refine.match_uncertainty` must be true or false, but got {match_uncertainty!r}.")
     stages = []
     previous_segmenter, previous_control = out / "segmenters" / name, control
     for round_index in range(2, config["refine_rounds"] + 1):
@@ -540,9 +548,11 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
         for split in ("source/train", "target/train"):
             split_name = split.replace("/", "_")
             maps[split] = folder / "uncertainty" / split_name
+            matching = {"match_reference_dir": out / "uncertainty" / split_name / "maps"} if match_uncertainty else {}
             stages.append(Stage(f"{prefix}uncertainty:{split_name}", maps[split], "compute_uncertainty.py",
                                 {"model": previous_segmenter, "data_dir": root / split,
-                                 "resolution": data["resolution"], "output_dir": maps[split], **uncertainty_args}))
+                                 "resolution": data["resolution"], "output_dir": maps[split], **uncertainty_args,
+                                 **matching}))
         round_control = folder / "control"
         stages.append(Stage(
             f"{prefix}control", round_control, "train_uncertainty_controlnet.py",

@@ -9,6 +9,10 @@ over images). With `accelerate launch --num_processes N` the images are split be
 The images are decoded once and kept on the device; the maps are computed, resized to the original size and
 averaged there in batches of images of one size, and each batch is copied to the host once, to be written.
 
+With `--match_reference_dir DIR` the maps are given the value distribution of the maps in DIR before they are
+written (histogram matching over the 16-bit levels, order of values kept): a refinement round uses it to keep round
+1's uncertainty scale (`refine: {match_uncertainty: true}` in a workflow config).
+
     accelerate launch examples/compute_uncertainty.py --model runs/source_only \
         --data_dir data/camvid_daydusk/target/train --resolution 128 --output_dir runs/uncertainty/target
 """
@@ -18,11 +22,21 @@ import csv
 import io
 import os
 
+import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusers_uncertainty.segmentation import UNCERTAINTY_ESTIMATORS, load_segmentation_data, load_segmenter
+from diffusers_uncertainty.segmentation import (
+    UNCERTAINTY_ESTIMATORS,
+    folder_uncertainty_histogram,
+    load_segmentation_data,
+    load_segmenter,
+    quantile_matching_table,
+    uncertainty_histogram,
+)
 from diffusers_uncertainty.segmentation.device_data import EvaluationImages
 from diffusers_uncertainty.segmentation.io_utils import (
     resize_probs,
@@ -54,7 +68,13 @@ def parse_args(input_args=None):
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
                         help="DataLoader workers that decode the images (once, before inference).")
+    parser.add_argument("--match_reference_dir", type=str, default=None,
+                        help="Give the maps the value distribution of the 16-bit PNG maps in this folder (e.g. an "
+                             "earlier compute_uncertainty.py output of the same images), keeping their order.")
     args = parser.parse_args(input_args)
+    if args.match_reference_dir is not None and not os.path.isdir(args.match_reference_dir):
+        raise ValueError(f"`--match_reference_dir` must be a folder of uncertainty maps, but "
+                         f"{args.match_reference_dir} does not exist.")
     if args.estimator == "ensemble" and len(args.model) < 2:
         raise ValueError(f"`--estimator ensemble` needs at least 2 `--model`, got {len(args.model)}.")
     if args.estimator != "ensemble" and len(args.model) != 1:
@@ -83,6 +103,8 @@ def main(args):
         args (`argparse.Namespace`): From [`parse_args`].
     """
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # Read (and checked) before any work.
+    reference_counts = None if args.match_reference_dir is None else folder_uncertainty_histogram(args.match_reference_dir)
     models = [load_segmenter(m).to(accelerator.device).eval() for m in args.model]
     strides = {m.output_stride for m in models}
     dataset = load_segmentation_data(
@@ -100,7 +122,7 @@ def main(args):
     estimator = build_estimator(args, models)
     map_dir = os.path.join(args.output_dir, "maps")
     os.makedirs(map_dir, exist_ok=True)
-    rows = []
+    rows, held = [], {}
     for batch in tqdm(images, desc="Uncertainty", disable=not accelerator.is_local_main_process):
         with accelerator.autocast():
             output = estimator(batch["pixel_values"])
@@ -108,8 +130,21 @@ def main(args):
         scores = full.mean((-2, -1))
         full, scores = full.cpu().numpy(), scores.cpu().tolist()  # one host copy per batch
         for name, uncertainty, score in zip(batch["names"], full, scores):
-            save_image_atomic(os.path.join(map_dir, f"{name}.png"), uncertainty_to_png16(uncertainty))
-            rows.append({"name": name, "score": score})
+            levels = uncertainty_to_png16(uncertainty)
+            if reference_counts is None:
+                save_image_atomic(os.path.join(map_dir, f"{name}.png"), levels)
+                rows.append({"name": name, "score": score})
+            else:  # written once every process's maps are counted
+                held[name] = np.array(levels)
+
+    if reference_counts is not None:
+        counts = torch.from_numpy(uncertainty_histogram(list(held.values()))).to(accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum").cpu().numpy()
+        table = quantile_matching_table(counts, reference_counts)
+        for name, levels in held.items():
+            matched = table[levels]
+            save_image_atomic(os.path.join(map_dir, f"{name}.png"), Image.fromarray(matched))
+            rows.append({"name": name, "score": float(matched.mean()) / 65535})
 
     rows = gather_object(rows)
     if accelerator.is_main_process:
@@ -127,6 +162,7 @@ def main(args):
                 "models": args.model,
                 "data_dir": args.data_dir,
                 "resolution": args.resolution,
+                "match_reference_dir": args.match_reference_dir,
                 "num_images": len(rows),
                 "mean_score": mean,
                 "scores": {r["name"]: r["score"] for r in rows},

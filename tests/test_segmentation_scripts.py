@@ -182,6 +182,58 @@ def test_compute_uncertainty_writes_maps_and_scores(trained, data, tmp_path, est
         np.testing.assert_allclose(stored, expected, atol=2e-4)
 
 
+def test_compute_uncertainty_matches_the_distribution_of_reference_maps(trained, data, tmp_path):
+    flags = ["--model", trained["dir"], "--data_dir", data["target"], "--resolution", "32", "--batch_size", "2"]
+    plain, same, matched = tmp_path / "plain", tmp_path / "same", tmp_path / "matched"
+    accelerate_launch("compute_uncertainty.py", [*flags, "--output_dir", plain], num_processes=2)
+    # Matched to its own maps, split over 2 processes (the histogram counts every process's images): unchanged.
+    accelerate_launch("compute_uncertainty.py", [*flags, "--match_reference_dir", plain, "--output_dir", same],
+                      num_processes=2)
+    names = sorted(path.name for path in (plain / "maps").glob("*.png"))
+    assert len(names) == 5
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(plain / "maps" / name)), np.asarray(Image.open(same / "maps" / name)))
+
+    # Matched to lower reference maps: the reference's distribution, the order of the values kept.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    rng = np.random.default_rng(0)
+    reference_values = []
+    for index in range(3):
+        levels = (rng.beta(1.5, 8.0, size=(32, 40)) * 65535).astype(np.uint16)
+        Image.fromarray(levels).save(reference / f"r{index}.png")
+        reference_values.append(levels.ravel())
+    reference_values = np.concatenate(reference_values) / 65535
+    accelerate_launch("compute_uncertainty.py", [*flags, "--match_reference_dir", reference, "--output_dir", matched],
+                      num_processes=2)
+    before = np.concatenate([np.asarray(Image.open(plain / "maps" / name)).ravel() for name in names])
+    after = np.concatenate([np.asarray(Image.open(matched / "maps" / name)).ravel() for name in names])
+    assert (np.diff(after[np.argsort(before, kind="stable")].astype(np.int64)) >= 0).all()
+    assert after.mean() / 65535 == pytest.approx(reference_values.mean(), abs=0.01)
+    assert abs(before.mean() / 65535 - reference_values.mean()) > 0.1
+    summary = json.loads((matched / "scores.json").read_text())
+    assert summary["match_reference_dir"] == str(reference)
+    for name in names:  # the scores are the means of the stored (matched) maps
+        stored = np.asarray(Image.open(matched / "maps" / name)).mean() / 65535
+        assert summary["scores"][name[:-4]] == pytest.approx(stored, abs=1e-9)
+
+
+def test_compute_uncertainty_checks_the_reference_before_any_work(trained, data, tmp_path):
+    spec = importlib.util.spec_from_file_location("compute_uncertainty", EXAMPLES / "compute_uncertainty.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    flags = ["--model", str(trained["dir"]), "--data_dir", str(data["target"]), "--resolution", "32",
+             "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=rf"`--match_reference_dir` must be a folder of uncertainty maps, but "
+                                         rf"{tmp_path / 'missing'} does not exist"):
+        script.parse_args([*flags, "--match_reference_dir", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    args = script.parse_args([*flags, "--match_reference_dir", str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match=r"`--match_reference_dir` must be a folder of 16-bit PNG uncertainty maps"):
+        script.main(args)
+    assert not (tmp_path / "out").exists()
+
+
 def _load_train_script():
     spec = importlib.util.spec_from_file_location("train_segmentation", EXAMPLES / "train_segmentation.py")
     module = importlib.util.module_from_spec(spec)

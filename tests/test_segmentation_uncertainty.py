@@ -96,3 +96,74 @@ def test_ensemble_disagreement_zero_for_identical_members_positive_otherwise():
     assert out.scores.item() > 0 and out.maps.max() <= 1
     with pytest.raises(ValueError, match="at least 2"):
         EnsembleEstimator([a])
+
+
+# ------------------------------------------------------------------------ histogram matching of stored uncertainty maps
+def test_quantile_matching_to_itself_changes_nothing():
+    import numpy as np
+
+    from diffusers_uncertainty.segmentation import quantile_matching_table, uncertainty_histogram
+
+    rng = np.random.default_rng(0)
+    maps = [(rng.beta(0.5, 3.0, size=(17, 23)) * 65535).astype(np.uint16) for _ in range(4)]
+    maps.append(np.full((5, 5), 1234, dtype=np.uint16))  # a heavily tied level
+    counts = uncertainty_histogram(maps)
+    assert counts.sum() == sum(m.size for m in maps)
+    table = quantile_matching_table(counts, counts)
+    for levels in maps:
+        assert np.array_equal(table[levels], levels)
+
+
+def test_quantile_matching_keeps_the_order_and_takes_the_reference_distribution():
+    import numpy as np
+
+    from diffusers_uncertainty.segmentation import quantile_matching_table, uncertainty_histogram
+
+    rng = np.random.default_rng(1)
+    # Round 2's maps: lower and narrower than round 1's (the adapted segmenter is surer on the target).
+    new = [(rng.beta(1.0, 8.0, size=(40, 50)) * 65535).astype(np.uint16) for _ in range(6)]
+    reference = [(rng.beta(2.0, 4.0, size=(30, 30)) * 65535).astype(np.uint16) for _ in range(9)]
+    table = quantile_matching_table(uncertainty_histogram(new), uncertainty_histogram(reference))
+    assert (np.diff(table.astype(np.int64)) >= 0).all()  # monotone: the new maps' order of values is kept
+    matched = np.concatenate([table[m].ravel() for m in new]).astype(np.float64)
+    reference_values = np.concatenate([m.ravel() for m in reference]).astype(np.float64)
+    quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
+    # Up to the width of one level's share (here well under 0.5 % of the range).
+    np.testing.assert_allclose(np.quantile(matched, quantiles), np.quantile(reference_values, quantiles), atol=300)
+    assert abs(matched.mean() - reference_values.mean()) < 300
+    # Before matching the two sets were far apart.
+    before = np.concatenate([m.ravel() for m in new]).astype(np.float64)
+    assert reference_values.mean() - before.mean() > 10000
+
+
+def test_quantile_matching_rejects_what_is_not_a_histogram_of_maps():
+    import numpy as np
+
+    from diffusers_uncertainty.segmentation import quantile_matching_table, uncertainty_histogram
+
+    good = np.ones(65536, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"`counts` must be a histogram of 65536 non-negative counts .* shape \(10,\)"):
+        quantile_matching_table(np.ones(10, dtype=np.int64), good)
+    with pytest.raises(ValueError, match=r"`reference_counts` must be .* total 0"):
+        quantile_matching_table(good, np.zeros(65536, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"must be uint16 levels, but map 1 has dtype float32"):
+        uncertainty_histogram([np.zeros((2, 2), np.uint16), np.zeros((2, 2), np.float32)])
+
+
+def test_folder_histogram_reads_16_bit_maps_and_names_the_argument(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_uncertainty.segmentation import folder_uncertainty_histogram
+
+    with pytest.raises(ValueError, match=rf"`--match_reference_dir` must be a folder of 16-bit PNG uncertainty maps, "
+                                         rf"but {tmp_path} has none"):
+        folder_uncertainty_histogram(tmp_path)
+    (tmp_path / "maps" / "sub").mkdir(parents=True)
+    Image.fromarray(np.array([[0, 7], [7, 65535]], dtype=np.uint16)).save(tmp_path / "maps" / "a.png")
+    Image.fromarray(np.array([[7]], dtype=np.uint16)).save(tmp_path / "maps" / "sub" / "b.png")
+    counts = folder_uncertainty_histogram(tmp_path)
+    assert counts.sum() == 5 and counts[7] == 3 and counts[0] == 1 and counts[65535] == 1
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "maps" / "c.png")
+    with pytest.raises(ValueError, match=r"must hold 16-bit grayscale uncertainty maps, but .*c\.png is L"):
+        folder_uncertainty_histogram(tmp_path, argument="--match_reference_dir")

@@ -297,6 +297,16 @@ def test_refinement_rounds_read_the_previous_round_and_rerun_skips_them(tmp_path
     with pytest.raises(ValueError, match="`refine_rounds` must be a positive integer, but got 0"):
         plan(dict(config, refine_rounds=0))
 
+    # refine.match_uncertainty: every round's maps take round 1's distribution of the same split.
+    assert "match_reference_dir" not in stages["round_2:uncertainty:target_train"].args
+    matched = {stage.name: stage for stage in plan(dict(config, refine_rounds=3, refine={"match_uncertainty": True}))}
+    for round_index in (2, 3):
+        for split in ("source_train", "target_train"):
+            args = matched[f"round_{round_index}:uncertainty:{split}"].args
+            assert args["match_reference_dir"] == tmp_path / "uncertainty" / split / "maps"
+    with pytest.raises(ValueError, match=r"`refine.match_uncertainty` must be true or false, but got 'yes'"):
+        plan(dict(config, refine={"match_uncertainty": "yes"}))
+
 
 def test_synthetic_filter_variants_read_the_named_segmenter_in_every_round(tmp_path):
     variants = {

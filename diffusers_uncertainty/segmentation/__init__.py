@@ -42,9 +42,12 @@ from .uncertainty import (
     MCDropoutEstimator,
     UncertaintyEstimator,
     UncertaintyOutput,
+    folder_uncertainty_histogram,
     mc_dropout_mode,
     mutual_information,
     normalized_entropy,
+    quantile_matching_table,
+    uncertainty_histogram,
 )
 
 
@@ -81,6 +84,7 @@ __all__ = [
     "create_segmentation_model",
     "cross_entropy_dice_loss",
     "eval_size",
+    "folder_uncertainty_histogram",
     "label_edges",
     "load_segmentation_data",
     "mc_dropout_mode",
@@ -88,6 +92,8 @@ __all__ = [
     "mixture_weights",
     "mutual_information",
     "normalized_entropy",
+    "quantile_matching_table",
+    "uncertainty_histogram",
     "register_segmentation_architecture",
     "uncertainty_boundary_emphasis_loss",
     "uncertainty_boundary_weights",

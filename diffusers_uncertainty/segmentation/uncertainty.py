@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, List, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from diffusers.utils import BaseOutput
@@ -219,3 +220,93 @@ UNCERTAINTY_ESTIMATORS = {
     "mc_dropout": MCDropoutEstimator,
     "ensemble": EnsembleEstimator,
 }
+
+
+# ------------------------------------------------------------------------------ matching a distribution of map values
+# Maps are stored as 16-bit PNGs (see `io_utils.uncertainty_to_png16`), so their values are the 65536 levels 0..65535
+# and a histogram over those levels describes a set of maps exactly.
+UNCERTAINTY_LEVELS = 65536
+
+
+def uncertainty_histogram(maps: Sequence) -> np.ndarray:
+    r"""
+    Counts of every 16-bit level over a set of maps.
+
+    Args:
+        maps (sequence of `np.ndarray` of dtype `uint16`):
+            Maps as stored (0 <-> 0.0, 65535 <-> 1.0), any shapes.
+
+    Returns:
+        `np.ndarray` of shape `(65536,)`, dtype `int64`.
+    """
+    counts = np.zeros(UNCERTAINTY_LEVELS, dtype=np.int64)
+    for index, levels in enumerate(maps):
+        if levels.dtype != np.uint16:
+            raise ValueError(f"Uncertainty maps must be uint16 levels, but map {index} has dtype {levels.dtype}.")
+        counts += np.bincount(levels.ravel(), minlength=UNCERTAINTY_LEVELS)
+    return counts
+
+
+def quantile_matching_table(counts: np.ndarray, reference_counts: np.ndarray) -> np.ndarray:
+    r"""
+    The monotone table that gives a set of maps the value distribution of a reference set (histogram matching):
+    every level `v` goes to the reference's quantile at the middle of `v`'s share of the maps' own distribution,
+    `F_ref^-1((F(v-1) + F(v)) / 2)`. The order of values is kept (equal values stay equal); a set matched to itself
+    is unchanged; the matched set's quantiles equal the reference's up to the width of one level's share.
+
+    A refinement round uses it to keep the uncertainty scale the control learned in round 1: a segmenter trained on
+    target-like data is less uncertain on the target, and without matching the new maps ask the control for less
+    target appearance (see `docs/workflow.md`, "Refinement rounds").
+
+    Args:
+        counts (`np.ndarray` of shape `(65536,)`):
+            [`uncertainty_histogram`] of the maps to transform.
+        reference_counts (`np.ndarray` of shape `(65536,)`):
+            [`uncertainty_histogram`] of the reference maps.
+
+    Returns:
+        `np.ndarray` of shape `(65536,)`, dtype `uint16`: `table[level]` is the matched level.
+    """
+    for name, value in (("counts", counts), ("reference_counts", reference_counts)):
+        if value.shape != (UNCERTAINTY_LEVELS,) or value.sum() <= 0 or (value < 0).any():
+            raise ValueError(
+                f"`{name}` must be a histogram of {UNCERTAINTY_LEVELS} non-negative counts with a positive total, "
+                f"but got shape {tuple(value.shape)} and total {value.sum()}."
+            )
+    cumulative = np.cumsum(counts, dtype=np.float64)
+    middle = (cumulative - counts / 2) / cumulative[-1]  # in (0, 1) for every occupied level
+    reference_cumulative = np.cumsum(reference_counts, dtype=np.float64) / reference_counts.sum()
+    levels = np.searchsorted(reference_cumulative, middle, side="left")
+    return np.minimum(levels, UNCERTAINTY_LEVELS - 1).astype(np.uint16)
+
+
+def folder_uncertainty_histogram(folder, argument: str = "--match_reference_dir") -> np.ndarray:
+    r"""
+    [`uncertainty_histogram`] of every 16-bit PNG map under a folder (searched recursively; a `compute_uncertainty.py`
+    output folder or its `maps/`).
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder of maps.
+        argument (`str`, defaults to `"--match_reference_dir"`):
+            The name errors give the folder.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    paths = sorted(folder.rglob("*.png")) if folder.is_dir() else []
+    if not paths:
+        raise ValueError(f"`{argument}` must be a folder of 16-bit PNG uncertainty maps, but {folder} has none.")
+    maps = []
+    for path in paths:
+        with Image.open(path) as image:
+            levels = np.array(image)
+        if levels.dtype != np.uint16 or levels.ndim != 2:
+            raise ValueError(
+                f"`{argument}` must hold 16-bit grayscale uncertainty maps, but {path} is {image.mode} "
+                f"({levels.dtype}, {levels.ndim} dimensions)."
+            )
+        maps.append(levels)
+    return uncertainty_histogram(maps)

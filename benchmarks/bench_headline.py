@@ -16,7 +16,7 @@ section at the chosen scale):
 | synthetic_photometric_flexseg | the row above + FLEX-Seg losses |
 | synthetic_photometric_filtered | synthetic_photometric on the half of the synthetic samples the photometric segmenter agrees with best (per-image mIoU against the label map: `synthetic_filter`) |
 | synthetic_photometric_filtered_ratio25 | the row above with synthetic ratio 0.25 instead of 0.5 |
-| round 2 | iterative refinement (`refine_rounds: 2`): the round-1 `synthetic_photometric_flexseg` segmenter re-estimates the maps, the control is fine-tuned, the data regenerated, the synthetic rows retrained |
+| round 2 | iterative refinement (`refine_rounds: 2`): the round-1 `synthetic_photometric_flexseg` segmenter re-estimates the maps (with `--match_uncertainty`: given round 1's distribution per split), the control is fine-tuned, the data regenerated, the synthetic rows retrained |
 | iccld, iccld_adversarial | the latent-diffusion segmenter on the same base, without / with adversarial alignment (`--iccld`) |
 
 Seeds vary the segmenter training and the generation. One base model, one dual control and one semantic-only control
@@ -45,6 +45,13 @@ dataset already generated with another `samples_per_label` stops the run with th
     python benchmarks/bench_headline.py --work_dir /tmp/hl_smoke --scale smoke --seeds 0 1 \
         --synthetic_counts 0.5 1 --refine_rounds 1 --no_fda          # embedded toy data, a 2-core CPU
     python benchmarks/headline_figures.py --work_dir /tmp/hl_smoke   # grid.png, per_class_iou.png, synthetic_count.png
+
+`--rows` runs a part of the table, e.g. the rows that need no diffusion model (no base, control or generated data
+is made for them), and a later run with more rows in the same work folder reuses what they trained:
+
+    python benchmarks/bench_headline.py --config examples/configs/camvid_daydusk.yaml --scale gpu \
+        --data_root data/camvid_daydusk --work_dir runs/camvid_baselines --seeds 0 1 2 \
+        --rows source_only photometric fda --refine_rounds 1
 
 `benchmarks/headline_figures.py` draws the figures of a work folder (see its docstring).
 """
@@ -87,6 +94,8 @@ ICCLD_ROWS = {
 UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered",
                      "synthetic_photometric_filtered_ratio25")
 SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
+REFINE_SEGMENTER = "synthetic_photometric_flexseg"  # its segmenter re-estimates the maps in refinement rounds
+SEMANTIC_ONLY = "semantic_only"  # the row of the semantic-only control (a workflow run of its own per seed)
 # Stages whose result every seed shares: trained once, by the first seed.
 SHARED_STAGES = ("base", "control", "uncertainty/source_train", "uncertainty/target_train")  # (+ generated data)
 
@@ -101,9 +110,16 @@ def parse_args(input_args=None):
     parser.add_argument("--iccld", action="store_true", help="Add the latent-diffusion segmenter rows.")
     parser.add_argument("--no_fda", action="store_true", help="Leave out the Fourier domain adaptation row.")
     parser.add_argument("--refine_rounds", type=int, default=2, help="1 leaves out the refinement row.")
+    parser.add_argument("--match_uncertainty", action="store_true",
+                        help="Refinement rounds give their maps round 1's distribution per split "
+                             "(`refine.match_uncertainty`); use a work folder of its own, or delete the rounds/ folders.")
     parser.add_argument("--synthetic_counts", type=float, nargs="+", default=[],
                         help="Synthetic-count sweep: multiples m of the labeled source/train images; the "
                              f"{SWEEP_RECIPE} row is trained again with round(m x N) synthetic samples for each.")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="Run only these rows (default: all that the other flags select), e.g. `source_only "
+                             "photometric fda`: rows without synthetic data or a latent-diffusion segmenter train no "
+                             "base model, control or generated data.")
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what has finished.")
     args = parser.parse_args(input_args)
     if len(set(args.seeds)) != len(args.seeds):
@@ -114,14 +130,42 @@ def parse_args(input_args=None):
         parser.error(f"--synthetic_counts must be positive multiples, got {args.synthetic_counts}")
     if len({sweep_variant(m) for m in args.synthetic_counts}) != len(args.synthetic_counts):
         parser.error(f"--synthetic_counts must be distinct, got {args.synthetic_counts}")
+    if args.rows is not None:
+        available = [*all_rows(args), SEMANTIC_ONLY]
+        unknown = [name for name in args.rows if name not in available]
+        if unknown:
+            parser.error(f"--rows must name rows of this run ({', '.join(available)}), got {', '.join(unknown)}")
+        if args.refine_rounds > 1 and REFINE_SEGMENTER not in args.rows:
+            parser.error(f"--refine_rounds {args.refine_rounds} retrains the synthetic rows with the maps of the "
+                         f"{REFINE_SEGMENTER} segmenter, which --rows leaves out; add it or pass --refine_rounds 1")
+        if args.synthetic_counts and SWEEP_RECIPE not in args.rows:
+            parser.error(f"--synthetic_counts retrains the {SWEEP_RECIPE} row, which --rows leaves out; add it or "
+                         "drop --synthetic_counts")
     return args
 
 
-def rows(args) -> dict:
+def all_rows(args) -> dict:
+    """The workflow variants of the rows that --no_fda and --iccld select (the semantic-only row is a run apart)."""
     selected = {name: dict(flags) for name, flags in ROWS.items() if not (args.no_fda and name == "fda")}
     if args.iccld:
         selected.update(ICCLD_ROWS)
     return selected
+
+
+def rows(args) -> dict:
+    """The workflow variants this run trains: all_rows, or those named by --rows."""
+    selected = all_rows(args)
+    return selected if args.rows is None else {name: flags for name, flags in selected.items() if name in args.rows}
+
+
+def runs_semantic_only(args) -> bool:
+    return args.rows is None or SEMANTIC_ONLY in args.rows
+
+
+def needs_diffusion(args) -> bool:
+    """Whether a row of this run reads the base model (synthetic data, a latent-diffusion segmenter)."""
+    return runs_semantic_only(args) or any(flags.get("synthetic") or flags.get("model") == "latent_diffusion"
+                                           for flags in rows(args).values())
 
 
 def sweep_variant(multiple: float) -> str:
@@ -201,6 +245,21 @@ def check_generated(folder: Path, samples_per_label: int) -> None:
         )
 
 
+def check_rounds(work: Path, seeds: list[int], match_uncertainty: bool) -> None:
+    """Stop when a finished refinement round's maps were made with the other `--match_uncertainty` setting (its
+    stages would be skipped, and its rows reported under this run's setting)."""
+    for seed in seeds:
+        for scores in sorted((work / f"seed_{seed}" / "rounds").glob("round_*/uncertainty/*/scores.json")):
+            matched = bool(json.loads(scores.read_text()).get("match_reference_dir"))
+            if matched != match_uncertainty:
+                rounds = work / f"seed_{seed}" / "rounds"
+                raise ValueError(
+                    f"The refinement maps in {scores.parent} were made {'with' if matched else 'without'} "
+                    f"--match_uncertainty, but this run is {'with' if match_uncertainty else 'without'} it; "
+                    f"delete {rounds} (every seed's rounds/ folder) or use another --work_dir."
+                )
+
+
 def sweep_settings(args, config: dict) -> dict | None:
     """`{"num_source_train", "samples": {multiple: n}, "samples_per_label"}` of the sweep, or `None` without one."""
     if not args.synthetic_counts:
@@ -239,7 +298,12 @@ def workflow_config(args, out: Path, seed: int, overrides: dict, variants: dict)
 def run(args) -> None:
     work = Path(args.work_dir)
     first = args.seeds[0]
-    overrides = {"refine_rounds": args.refine_rounds, "refine": {"segmenter": "synthetic_photometric_flexseg"}}
+    overrides = {"refine_rounds": args.refine_rounds,
+                 "refine": {"segmenter": REFINE_SEGMENTER, "match_uncertainty": args.match_uncertainty}}
+    check_rounds(work, args.seeds, args.match_uncertainty)
+    # Without a row that reads the base model, only the segmenters and their evaluations run (and the toy data).
+    only = None if needs_diffusion(args) else ["data", "segmenter", "evaluate"]
+    shared = SHARED_STAGES if needs_diffusion(args) else ()
     generate_overrides, sweep = {}, None
     if args.synthetic_counts:
         # N is counted on the data (the embedded toy data is made by the first seed's data stage, then shared), and
@@ -255,10 +319,10 @@ def run(args) -> None:
     for seed in args.seeds:
         out = work / f"seed_{seed}"
         if seed != first:
-            link_shared(work / f"seed_{first}", out)
+            link_shared(work / f"seed_{first}", out, shared)
         config = workflow_config(args, out, seed, overrides, rows(args))
         print(f"== seed {seed}: {out}", flush=True)
-        run_workflow(config)
+        run_workflow(config, only=only)
 
         if sweep is not None:
             # The sweep rows: variants on the same generated dataset, planned without refinement rounds (so that
@@ -269,6 +333,8 @@ def run(args) -> None:
             run_workflow(config, only=[f"{kind}:{name}{end}" for name in variants
                                        for kind, end in (("segmenter", ""), ("evaluate", ":"))])
 
+        if not runs_semantic_only(args):
+            continue
         # The semantic-only control: the same control recipe without the uncertainty branch, used with it off.
         semantic = work / f"semantic_only_seed_{seed}"
         if seed != first:
@@ -278,7 +344,7 @@ def run(args) -> None:
             args, semantic, seed,
             {"control": {"args": {"train_branch": "semantic", "labeled_fraction": 1.0}},
              "generate": {"args": {"uncertainty_conditioning_scale": 0.0, **generate_overrides}}},
-            {"source_only": {}, "semantic_only": dict(SYNTHETIC)},
+            {"source_only": {}, SEMANTIC_ONLY: dict(SYNTHETIC)},
         )
         print(f"== seed {seed}, semantic-only control: {semantic}", flush=True)
         run_workflow(config, only=["base", "segmenter", "uncertainty", "control", "generate", "evaluate:semantic_only"])
@@ -294,7 +360,7 @@ def collect(args) -> dict:
     table = {}
     for seed in args.seeds:
         folders = {name: work / f"seed_{seed}" / "evaluation" / name for name in rows(args)}
-        folders["semantic_only"] = work / f"semantic_only_seed_{seed}" / "evaluation" / "semantic_only"
+        folders[SEMANTIC_ONLY] = work / f"semantic_only_seed_{seed}" / "evaluation" / SEMANTIC_ONLY
         for round_index in range(2, args.refine_rounds + 1):
             for name in UNCERTAINTY_AWARE:
                 folders[f"{name} (round {round_index})"] = (work / f"seed_{seed}" / "rounds" / f"round_{round_index}" /

@@ -2,6 +2,7 @@
 folders (tiny pipeline, CPU, no network)."""
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -268,3 +269,31 @@ def test_results_keep_the_sweep_out_of_the_main_rows(tmp_path):
     assert "| multiple | synthetic samples | n | target/val mIoU | source/val mIoU |" in text
     assert "| 0.5x | 5 | 2 | 52.0 ± 2.8 | 72.0 ± 2.8 |" in text and "| 1x | 10 | 1 | 42.0 ± 0.0 |" in text
     assert "reads every generated sample: 20 per seed" in text
+
+
+def test_rows_and_refinement_settings_are_checked_before_any_work(tmp_path, capsys):
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "source_only", "fda", "--refine_rounds", "1"])
+    assert list(bench_headline.rows(args)) == ["source_only", "fda"]
+    assert not bench_headline.needs_diffusion(args) and not bench_headline.runs_semantic_only(args)
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "photometric", "semantic_only",
+                                      "--refine_rounds", "1"])
+    assert list(bench_headline.rows(args)) == ["photometric"] and bench_headline.needs_diffusion(args)
+    assert bench_headline.needs_diffusion(bench_headline.parse_args(["--work_dir", str(tmp_path)]))
+    for flags, message in (
+        (["--rows", "source_only", "iccld", "--refine_rounds", "1"], "--rows must name rows of this run .*got iccld"),
+        (["--rows", "source_only"], "--refine_rounds 2 retrains the synthetic rows .* add it or pass --refine_rounds 1"),
+        (["--rows", "synthetic", "--refine_rounds", "1", "--synthetic_counts", "1"],
+         "--synthetic_counts retrains the synthetic_photometric row"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_headline.parse_args(["--work_dir", str(tmp_path), *flags])
+        assert re.search(message, capsys.readouterr().err)
+
+    # A finished round made with the other --match_uncertainty setting stops the run, naming what to delete.
+    scores = tmp_path / "seed_1" / "rounds" / "round_2" / "uncertainty" / "target_train" / "scores.json"
+    scores.parent.mkdir(parents=True)
+    scores.write_text(json.dumps({"match_reference_dir": None}))
+    bench_headline.check_rounds(tmp_path, [0, 1], match_uncertainty=False)
+    with pytest.raises(ValueError, match=rf"made without --match_uncertainty, but this run is with it; delete "
+                                         rf"{tmp_path / 'seed_1' / 'rounds'}"):
+        bench_headline.check_rounds(tmp_path, [0, 1], match_uncertainty=True)

@@ -754,6 +754,8 @@ def generate_batch(
     uncertainty_conditioning_scale: float = 1.0,
     style_images: list[list[PIL.Image.Image]] | None = None,
     style_guidance_scale: float = 1.0,
+    control_guidance_start: float | tuple[float, float] = 0.0,
+    control_guidance_end: float | tuple[float, float] = 1.0,
 ):
     r"""
     Generate one batch of samples with a single pipeline call: one generator per image, seeded with the image's own
@@ -778,6 +780,10 @@ def generate_batch(
             One style set per sample (needs a pipeline with a `style_encoder`).
         style_guidance_scale (`float`, defaults to 1.0):
             Passed to the pipeline with `style_images`.
+        control_guidance_start (`float` or a pair, defaults to 0.0), control_guidance_end (`float` or a pair,
+        defaults to 1.0):
+            The fraction of the steps in which each control acts (a pair: semantic, uncertainty), passed to the
+            pipeline.
 
     Returns:
         `tuple(list[PIL.Image.Image], np.ndarray)`: the images and the `(B, H, W)` label maps the pipeline returns
@@ -806,6 +812,8 @@ def generate_batch(
         generator=generators,
         semantic_conditioning_scale=semantic_conditioning_scale,
         uncertainty_conditioning_scale=uncertainty_conditioning_scale,
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
         output_type="pil",
         **style,
     )

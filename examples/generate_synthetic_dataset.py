@@ -103,6 +103,8 @@ CONTENT_ARGUMENTS = (
     "guidance_scale",
     "semantic_conditioning_scale",
     "uncertainty_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
     "prompt",
     "seed",
     "batch_size",
@@ -121,6 +123,11 @@ def redact_token(argv: list[str]) -> list[str]:
         else:
             redacted.append(arg)
     return redacted
+
+
+def control_window(values: list[float]) -> tuple[float, float]:
+    """`--control_guidance_start/end` as a (semantic, uncertainty) pair: one value applies to both branches."""
+    return (values[0], values[-1])
 
 
 def parse_args(input_args=None):
@@ -206,6 +213,12 @@ def parse_args(input_args=None):
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     parser.add_argument("--semantic_conditioning_scale", type=float, default=1.0, help="Semantic control weight.")
     parser.add_argument("--uncertainty_conditioning_scale", type=float, default=1.0, help="Uncertainty control weight.")
+    parser.add_argument("--control_guidance_start", type=float, nargs="+", default=[0.0],
+                        help="Fraction of the steps after which the controls start acting: one value, or two "
+                             "(semantic, uncertainty), e.g. `0 0.4` to add the uncertainty control once the layout is set.")
+    parser.add_argument("--control_guidance_end", type=float, nargs="+", default=[1.0],
+                        help="Fraction of the steps after which the controls stop acting: one value, or two (semantic, "
+                             "uncertainty).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the run; every sample derives its own from it.")
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call (and per shard).")
     parser.add_argument(
@@ -281,6 +294,17 @@ def parse_args(input_args=None):
         raise ValueError("`--uncertainty_scale` scales the maps of `--uncertainty_bank`; pass a bank to use it.")
     if not args.uncertainty_scale > 0:
         raise ValueError(f"`--uncertainty_scale` must be positive, but got {args.uncertainty_scale}.")
+    for name in ("control_guidance_start", "control_guidance_end"):
+        if len(getattr(args, name)) not in (1, 2):
+            raise ValueError(f"`--{name}` takes one value or two (semantic, uncertainty), but got "
+                             f"{len(getattr(args, name))} values.")
+    for branch, start, end in zip(("semantic", "uncertainty"), *map(control_window, (args.control_guidance_start,
+                                                                                      args.control_guidance_end))):
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(
+                f"`--control_guidance_start` and `--control_guidance_end` must satisfy 0 <= start < end <= 1 for "
+                f"every branch, but the {branch} branch got start={start} and end={end}."
+            )
     if args.resolution is not None:
         if len(args.resolution) not in (1, 2):
             raise ValueError(f"`--resolution` takes SIZE or HEIGHT WIDTH, but got {len(args.resolution)} values.")
@@ -496,6 +520,8 @@ def main(args):
         "guidance_scale": args.guidance_scale,
         "semantic_conditioning_scale": args.semantic_conditioning_scale,
         "uncertainty_conditioning_scale": 0.0 if uncertainty_off else args.uncertainty_conditioning_scale,
+        "control_guidance_start": control_window(args.control_guidance_start),
+        "control_guidance_end": control_window(args.control_guidance_end),
     }
     # PNG encoding and the parquet write of a shard run on a worker thread while the next shard generates.
     with BackgroundShardWriter() as writer:

@@ -6,6 +6,7 @@ floating-point results are comparable.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -328,6 +329,30 @@ def test_dataset_source_with_constant_level_and_scaled_bank(workspace, tmp_path,
         np.testing.assert_allclose(stored, expected, atol=1e-4)
 
 
+def test_control_windows_reach_the_pipeline_and_are_recorded(workspace, tmp_path, one_thread):
+    # The uncertainty control only in the second of 2 steps (semantic in both): each stored image is what a direct
+    # pipeline call with that window gives, and not what the call without it gives.
+    script = load_script()
+    output_dir = tmp_path / "window"
+    script.main(script.parse_args(base_args(workspace, output_dir, "--max_labels", 1, "--samples_per_label", 2,
+                                            "--control_guidance_start", 0, 0.5)))
+    settings = json.loads((output_dir / "generation_config.json").read_text())["settings"]
+    assert settings["control_guidance_start"] == [0.0, 0.5] and settings["control_guidance_end"] == [1.0]
+    pipeline = StableDiffusionDualControlPipeline.from_pretrained(workspace / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    for row in datasets.load_from_disk(str(output_dir)):
+        images = {}
+        for window in ((0.0, 0.5), 0.0):
+            images[window] = np.asarray(pipeline(
+                row["prompt"], semantic_map=np.asarray(row["label"]).astype(np.int64), uncertainty_map=row["uncertainty"],
+                num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
+                control_guidance_start=window, generator=[torch.Generator().manual_seed(row["seed"])],
+            ).images[0]).astype(int)
+        stored = np.asarray(row["image"]).astype(int)
+        assert np.abs(images[(0.0, 0.5)] - stored).max() <= 1  # up to float rounding of another batch size
+        assert np.abs(images[0.0] - stored).max() > 1
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "extra, message",
@@ -335,6 +360,10 @@ def test_dataset_source_with_constant_level_and_scaled_bank(workspace, tmp_path,
         (["--resolution", "20"], r"`--resolution` values must be positive multiples of 8, but got \[20\]"),
         (["--uncertainty_level", "1.5"], "Pass exactly one of `--uncertainty_bank` and `--uncertainty_level`"),
         (["--batch_size", "0"], "`--batch_size` must be at least 1, but got 0"),
+        (["--control_guidance_start", "0", "0.2", "0.4"], r"`--control_guidance_start` takes one value or two \(semantic, "
+                                                          r"uncertainty\), but got 3 values"),
+        (["--control_guidance_start", "0", "0.6", "--control_guidance_end", "1", "0.6"],
+         r"must satisfy 0 <= start < end <= 1 for every branch, but the uncertainty branch got start=0.6 and end=0.6"),
     ],
 )
 def test_bad_arguments_are_rejected_by_parse_args(workspace, tmp_path, extra, message):

@@ -11,7 +11,8 @@ averaged there in batches of images of one size, and each batch is copied to the
 
 With `--match_reference_dir DIR` the maps are given the value distribution of the maps in DIR before they are
 written (histogram matching over the 16-bit levels, order of values kept): a refinement round uses it to keep round
-1's uncertainty scale (`refine: {match_uncertainty: true}` in a workflow config).
+1's uncertainty scale (`refine: {match_uncertainty: true}` in a workflow config). The maps of a process are then held
+in memory (16 bits a pixel) until every process has counted its levels.
 
     accelerate launch examples/compute_uncertainty.py --model runs/source_only \
         --data_dir data/camvid_daydusk/target/train --resolution 128 --output_dir runs/uncertainty/target

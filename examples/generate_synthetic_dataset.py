@@ -125,6 +125,9 @@ def redact_token(argv: list[str]) -> list[str]:
     return redacted
 
 
+WINDOW_DEFAULTS = {"control_guidance_start": [0.0], "control_guidance_end": [1.0]}
+
+
 def control_window(values: list[float]) -> tuple[float, float]:
     """`--control_guidance_start/end` as a (semantic, uncertainty) pair: one value applies to both branches."""
     return (values[0], values[-1])
@@ -213,10 +216,10 @@ def parse_args(input_args=None):
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     parser.add_argument("--semantic_conditioning_scale", type=float, default=1.0, help="Semantic control weight.")
     parser.add_argument("--uncertainty_conditioning_scale", type=float, default=1.0, help="Uncertainty control weight.")
-    parser.add_argument("--control_guidance_start", type=float, nargs="+", default=[0.0],
+    parser.add_argument("--control_guidance_start", type=float, nargs="+", default=WINDOW_DEFAULTS["control_guidance_start"],
                         help="Fraction of the steps after which the controls start acting: one value, or two "
                              "(semantic, uncertainty), e.g. `0 0.4` to add the uncertainty control once the layout is set.")
-    parser.add_argument("--control_guidance_end", type=float, nargs="+", default=[1.0],
+    parser.add_argument("--control_guidance_end", type=float, nargs="+", default=WINDOW_DEFAULTS["control_guidance_end"],
                         help="Fraction of the steps after which the controls stop acting: one value, or two (semantic, "
                              "uncertainty).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the run; every sample derives its own from it.")
@@ -346,6 +349,8 @@ def check_resume(args, settings: dict, config_path: str) -> None:
     if args.resume and os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as handle:
             previous = json.load(handle)["settings"]
+        # Runs written before the control-window flags existed used the full window for both controls.
+        previous = {**WINDOW_DEFAULTS, **previous}
         changed = {
             key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value
         }

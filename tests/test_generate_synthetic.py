@@ -276,6 +276,15 @@ def test_interrupted_run_resumes_without_duplicates_and_batch_size_does_not_chan
     with pytest.raises(ValueError, match=r"settings differ .*batch_size: 4 -> 2"):
         script.main(script.parse_args(base_args(workspace, output_dir, "--resume")))
 
+    with pytest.raises(ValueError, match=r"settings differ .*control_guidance_start: \[0\.0\] -> \[0\.0, 0\.5\]"):
+        script.main(script.parse_args(base_args(workspace, output_dir, "--batch_size", 4, "--resume",
+                                                "--control_guidance_start", 0, 0.5)))
+    # A run written before the control-window flags existed (no window in its settings) resumes with the defaults.
+    config_path = output_dir / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    del config["settings"]["control_guidance_start"], config["settings"]["control_guidance_end"]
+    config_path.write_text(json.dumps(config))
+
     script.main(script.parse_args(base_args(workspace, output_dir, "--batch_size", 4, "--resume")))
     assert sorted(p.name for p in (output_dir / "data").iterdir()) == [shard_filename(i, 3) for i in range(3)]
     assert first_shard.stat().st_mtime_ns == first_stat.st_mtime_ns  # kept, not regenerated

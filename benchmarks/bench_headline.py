@@ -138,6 +138,11 @@ def parse_args(input_args=None):
         if args.refine_rounds > 1 and REFINE_SEGMENTER not in args.rows:
             parser.error(f"--refine_rounds {args.refine_rounds} retrains the synthetic rows with the maps of the "
                          f"{REFINE_SEGMENTER} segmenter, which --rows leaves out; add it or pass --refine_rounds 1")
+        for name, flags in rows(args).items():
+            source = flags.get("synthetic_filter")
+            if source is not None and source not in args.rows:
+                parser.error(f"--rows names {name}, which keeps the synthetic samples the {source} segmenter agrees "
+                             f"with best; add {source} to --rows (a finished one is reused, not retrained)")
         if args.synthetic_counts and SWEEP_RECIPE not in args.rows:
             parser.error(f"--synthetic_counts retrains the {SWEEP_RECIPE} row, which --rows leaves out; add it or "
                          "drop --synthetic_counts")

@@ -278,10 +278,15 @@ def test_rows_and_refinement_settings_are_checked_before_any_work(tmp_path, caps
     args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "photometric", "semantic_only",
                                       "--refine_rounds", "1"])
     assert list(bench_headline.rows(args)) == ["photometric"] and bench_headline.needs_diffusion(args)
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "synthetic_photometric_filtered_ratio25",
+                                      "photometric", "--refine_rounds", "1"])
+    assert list(bench_headline.rows(args)) == ["photometric", "synthetic_photometric_filtered_ratio25"]
     assert bench_headline.needs_diffusion(bench_headline.parse_args(["--work_dir", str(tmp_path)]))
     for flags, message in (
         (["--rows", "source_only", "iccld", "--refine_rounds", "1"], "--rows must name rows of this run .*got iccld"),
         (["--rows", "source_only"], "--refine_rounds 2 retrains the synthetic rows .* add it or pass --refine_rounds 1"),
+        (["--rows", "synthetic_photometric_filtered", "--refine_rounds", "1"],
+         "--rows names synthetic_photometric_filtered, which keeps .* the photometric segmenter .* add photometric"),
         (["--rows", "synthetic", "--refine_rounds", "1", "--synthetic_counts", "1"],
          "--synthetic_counts retrains the synthetic_photometric row"),
     ):

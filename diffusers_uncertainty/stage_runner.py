@@ -41,8 +41,15 @@ def single_process_environment(launch_args: list[str], script: str | os.PathLike
     from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
     args = launch_command_parser().parse_args([*launch_args, str(script)])
-    # The same resolution of defaults (accelerate config file, environment) that `accelerate launch` does.
-    args, defaults, _ = _validate_launch_command(args)
+    # The same resolution of defaults (accelerate config file, environment) that `accelerate launch` does, without
+    # its "values were not passed to `accelerate launch`" warning: no `accelerate launch` happens here.
+    launch_logger = logging.getLogger("accelerate.commands.launch")
+    level = launch_logger.level
+    launch_logger.setLevel(logging.ERROR)
+    try:
+        args, defaults, _ = _validate_launch_command(args)
+    finally:
+        launch_logger.setLevel(level)
     distributed = (args.multi_gpu, args.tpu, args.use_deepspeed, args.use_fsdp, args.use_megatron_lm)
     sagemaker = defaults is not None and str(getattr(defaults, "compute_environment", "")).endswith("SAGEMAKER")
     if any(distributed) and not args.cpu or sagemaker:

@@ -226,6 +226,28 @@ def test_in_process_stage_failure_raises_with_the_log_and_leaves_logging_as_it_w
     assert not (tmp_path / "segmenters" / "source_only" / MARKER).exists()
 
 
+def test_single_process_environment_resolves_accelerate_defaults_without_the_launch_warning(caplog):
+    import logging
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    from diffusers_uncertainty.stage_runner import single_process_environment
+
+    launch_args = ["--num_processes", "1"]
+    warning = "were not passed to `accelerate launch`"
+    launch_logger = logging.getLogger("accelerate.commands.launch")
+    level = launch_logger.level
+    with caplog.at_level(logging.WARNING):
+        _validate_launch_command(launch_command_parser().parse_args([*launch_args, "train.py"]))
+    assert warning in caplog.text  # what accelerate itself says for these flags
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        environment = single_process_environment(launch_args, "train.py")
+    assert environment is not None and environment["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert warning not in caplog.text
+    assert launch_logger.level == level
+
+
 def test_in_process_is_refused_for_several_processes(tmp_path):
     from diffusers_uncertainty.workflow import stage_environment
 

@@ -22,7 +22,7 @@ from typing import Callable
 import yaml
 
 from .atomic import write_json_atomic, write_text_atomic
-from .stage_runner import run_in_process, run_subprocess, single_process_environment
+from .stage_runner import emulated_bf16_warning, run_in_process, run_subprocess, single_process_environment
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -660,6 +660,9 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
     stages = plan(config)
     launch_args = [str(arg) for arg in (config.get("launch") or {}).get("args", ["--num_processes", "1"])]
     environment = stage_environment(config)
+    warning = emulated_bf16_warning(environment)
+    if warning is not None:
+        echo(warning)
     total_start = time.perf_counter()
     for index, stage in enumerate(stages, start=1):
         label = f"[{index:2d}/{len(stages)}] {stage.name:<34}"

@@ -248,6 +248,37 @@ def test_single_process_environment_resolves_accelerate_defaults_without_the_lau
     assert launch_logger.level == level
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_once_before_any_stage(tmp_path, monkeypatch):
+    from diffusers_uncertainty import stage_runner
+    from diffusers_uncertainty.stage_runner import emulated_bf16_warning
+    from diffusers_uncertainty.workflow import stage_environment
+
+    bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_CPU": "False"}
+    monkeypatch.setattr(stage_runner, "_cpu_has_bf16_kernels", lambda: False)
+    monkeypatch.setattr(stage_runner, "_accelerator_available", lambda: False)
+    assert "`--mixed_precision no`" in emulated_bf16_warning(bf16)
+    assert emulated_bf16_warning(dict(bf16, ACCELERATE_MIXED_PRECISION="no")) is None
+    assert emulated_bf16_warning(None) is None  # a multi-process launch: not resolved here
+    monkeypatch.setattr(stage_runner, "_accelerator_available", lambda: True)
+    assert emulated_bf16_warning(bf16) is None  # the stages run on the GPU
+    assert emulated_bf16_warning(dict(bf16, ACCELERATE_USE_CPU="True")) is not None  # --cpu although a GPU is there
+    monkeypatch.setattr(stage_runner, "_cpu_has_bf16_kernels", lambda: True)
+    assert emulated_bf16_warning(dict(bf16, ACCELERATE_USE_CPU="True")) is None  # AVX-512 / AMX: bf16 is native
+
+    monkeypatch.setattr(stage_runner, "_cpu_has_bf16_kernels", lambda: False)
+    launch = {"args": ["--num_processes", "1", "--mixed_precision", "bf16", "--cpu"]}
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": launch})
+    assert stage_environment(config)["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    lines = []
+    run_workflow(config, only=["no stage has this name"], echo=lines.append)
+    assert sum("without bf16 instructions" in line for line in lines) == 1 and "without bf16" in lines[0]
+    launch["args"][3] = "no"
+    lines.clear()
+    run_workflow(load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": launch}),
+                 only=["no stage has this name"], echo=lines.append)
+    assert not any("bf16" in line for line in lines)
+
+
 def test_in_process_is_refused_for_several_processes(tmp_path):
     from diffusers_uncertainty.workflow import stage_environment
 

@@ -42,6 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     camvid.add_argument("--camvid_dir", required=True, help="The CamVid/ folder: train/, trainannot/, val/, ...")
     camvid.add_argument("--output_dir", required=True, help="Where the dataset goes (empty or new folder).")
+    tiles = dataset_parsers.add_parser(
+        "tiles",
+        help="Cut every image (and label map) of a dataset in the package's layout into a grid of native-resolution "
+        "tiles, e.g. histology fields too large to resize.",
+    )
+    tiles.add_argument("--input_dir", required=True, help="A dataset: <domain>/<split>/images/ (+ labels/).")
+    tiles.add_argument("--output_dir", required=True, help="Where the tiled dataset goes (empty or new folder).")
+    tiles.add_argument("--grid", type=int, required=True, help="Tiles per side: an image gives grid x grid tiles.")
+    tiles.add_argument(
+        "--splits",
+        nargs="+",
+        default=None,
+        help="Splits to tile, each NAME or NAME:NEW_NAME (e.g. source/test:source/val); default: every split.",
+    )
 
     toy = subcommands.add_parser("make-toy-data", help="Write the embedded two-domain OCT-like dataset to a folder.")
     toy.add_argument("root", help="Output folder (must be empty or absent).")
@@ -58,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .workflow import load_config, plan, run_workflow
 
+    if args.command == "prepare" and args.dataset == "tiles":
+        from .prepare import prepare_tiles
+
+        result = prepare_tiles(args.input_dir, args.output_dir, args.grid, args.splits)
+        counts = ", ".join(f"{split} {count}" for split, count in result["splits"].items())
+        sizes = ", ".join(f"{w}x{h}" for w, h in result["tile_sizes"])
+        print(f"Wrote {sizes} tiles to {result['output_dir']} ({counts}).")
+        return 0
     if args.command == "prepare":
         from .prepare import prepare_camvid_daydusk
 

@@ -1,4 +1,4 @@
-"""Real data from its public source, in the package's folder layout (`images/` + `labels/` per split).
+"""Real data in the package's layout (`images/` + `labels/` per split): from its public source, or cut into tiles.
 
 `prepare_camvid_daydusk` builds the CamVid day -> dusk split (`diffusers-uncertainty prepare camvid-daydusk`) from
 CamVid in its common public layout, the `CamVid/` folder of the SegNet tutorial: `train/`, `trainannot/`, `val/`,
@@ -8,6 +8,7 @@ void (11). File names start with their video sequence (`0001TP_006690.png`, `000
 makes a real domain shift with labels on both sides.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -240,3 +241,190 @@ Labels are 8-bit PNGs with the file name of their image; `classes.json` holds th
 `ignore_index` ({CAMVID_IGNORE_INDEX} = void, left out of losses and metrics). `target/val` and `target/test` are
 for measuring only: never train on their labels.
 """
+
+
+def _split_folders(input_dir: Path) -> list[str]:
+    # A split is any `<domain>/<split>` folder holding `images/`, e.g. source/train or target/val.
+    return sorted(
+        str(images.parent.relative_to(input_dir).as_posix())
+        for images in input_dir.glob("*/*/images")
+        if images.is_dir()
+    )
+
+
+def tiles_plan(
+    input_dir: str | os.PathLike, grid: int, splits: list[str] | None = None
+) -> dict[str, tuple[str, list[tuple[Path, Path | None]]]]:
+    r"""
+    Which files [`prepare_tiles`] cuts, and into which split each goes. Reads only folder listings and image headers;
+    nothing is written.
+
+    Args:
+        input_dir (`str` or `os.PathLike`):
+            A dataset in the package's layout: `<domain>/<split>/images/` and, for labeled splits,
+            `<domain>/<split>/labels/` with the images' file names.
+        grid (`int`):
+            Each image is cut into `grid` x `grid` tiles.
+        splits (`list[str]`, *optional*):
+            The splits to tile, each `name` or `name:new_name` (e.g. `source/test:source/val` writes the tiles of
+            `source/test` as `source/val`); default: every `<domain>/<split>` folder with an `images/` folder.
+
+    Returns:
+        `dict[str, tuple[str, list[tuple[Path, Path | None]]]]`: for each input split, its output split and its
+        (image, label or `None`) pairs in name order.
+
+    Raises:
+        `ValueError`: naming the argument and what is wrong (a grid below 1, a split given twice or missing, an
+        image without its label, an image smaller than the grid).
+    """
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise ValueError(f"`--input_dir` must be a dataset folder, but {input_dir} is not a folder.")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"`--grid` must be an integer >= 1 (tiles per side), but got {grid!r}.")
+    found = _split_folders(input_dir)
+    if splits is None:
+        if not found:
+            raise ValueError(
+                f"`--input_dir` must hold `<domain>/<split>/images/` folders (e.g. source/train/images), but "
+                f"{input_dir} has none."
+            )
+        splits = found
+    mapping = {}
+    for entry in splits:
+        name, _, new_name = entry.partition(":")
+        new_name = new_name or name
+        if name not in found:
+            raise ValueError(
+                f"`--splits`: {input_dir} has no split {name!r} (a folder {name}/images); it has {found}."
+            )
+        if name in mapping:
+            raise ValueError(f"`--splits` names {name!r} twice.")
+        if new_name in [target for target, _ in mapping.values()]:
+            raise ValueError(f"`--splits` writes two splits to {new_name!r}.")
+        mapping[name] = (new_name, [])
+
+    for name, (_, pairs) in mapping.items():
+        images_dir, labels_dir = input_dir / name / "images", input_dir / name / "labels"
+        images = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
+        if not images:
+            raise ValueError(f"`--input_dir`: {images_dir} holds no images.")
+        for image_path in images:
+            label_path = None
+            if labels_dir.is_dir():
+                label_path = labels_dir / f"{image_path.stem}.png"
+                if not label_path.is_file():
+                    raise ValueError(f"`--input_dir`: {image_path} has no label {label_path}.")
+            with PIL.Image.open(image_path) as image:
+                size = image.size
+            if min(size) < grid:
+                raise ValueError(
+                    f"`--grid` {grid} cuts {image_path} ({size[0]}x{size[1]}) into tiles of less than 1 pixel."
+                )
+            if label_path is not None:
+                with PIL.Image.open(label_path) as label:
+                    if label.size != size:
+                        raise ValueError(
+                            f"`--input_dir`: {label_path} is {label.size[0]}x{label.size[1]}, but its image is "
+                            f"{size[0]}x{size[1]}."
+                        )
+            pairs.append((image_path, label_path))
+    return mapping
+
+
+def prepare_tiles(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    grid: int,
+    splits: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    r"""
+    Cut every image of a dataset in the package's layout (and its label map, alike) into `grid` x `grid` tiles at
+    the native resolution, for images too large to resize to the models' resolution without losing what is
+    segmented (nuclei in a histology field, say). A W x H image gives tiles of `W // grid` x `H // grid` pixels,
+    named `<stem>_r<row>_c<column>.png`; the last `W % grid` columns and `H % grid` rows of pixels are left out.
+    Nothing is resized or re-sampled: labels stay exact. `classes.json` is copied (its `size` becomes the tile size
+    when every tile has one size) and a `README.md` says how the tiles were made.
+
+    The folder is written under a temporary name beside `output_dir` and renamed into place when complete: an
+    interrupted run leaves no half-built dataset.
+
+    Args:
+        input_dir (`str` or `os.PathLike`):
+            A dataset in the package's layout (`<domain>/<split>/images/`, `<domain>/<split>/labels/`).
+        output_dir (`str` or `os.PathLike`):
+            Where the tiled dataset goes; must be absent or empty.
+        grid (`int`):
+            Tiles per side.
+        splits (`list[str]`, *optional*):
+            As for [`tiles_plan`]: `name` or `name:new_name`; default every split.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+
+    Returns:
+        `dict`: `{"output_dir": str, "splits": {output split: number of tiles}, "tile_sizes": [[w, h], ...]}`.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"`--output_dir` must be an empty or new folder, but {output_dir} is not empty.")
+    plan = tiles_plan(input_dir, grid, splits)
+    classes_path = input_dir / "classes.json"
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # it becomes `output_dir` itself
+    try:
+        counts, tile_sizes = {}, set()
+        total = sum(len(pairs) for _, pairs in plan.values())
+        bar = tqdm(total=total, desc="tiles", unit="image", disable=not progress)
+        for name, (new_name, pairs) in plan.items():
+            (staging / new_name / "images").mkdir(parents=True)
+            if pairs[0][1] is not None:
+                (staging / new_name / "labels").mkdir()
+            counts[new_name] = 0
+            for image_path, label_path in pairs:
+                with PIL.Image.open(image_path) as opened:
+                    image = opened.convert("RGB")
+                label = None
+                if label_path is not None:
+                    with PIL.Image.open(label_path) as opened:
+                        label = opened.copy()  # keeps its mode (and palette): values are not touched
+                width, height = image.size[0] // grid, image.size[1] // grid
+                tile_sizes.add((width, height))
+                for row in range(grid):
+                    for column in range(grid):
+                        box = (column * width, row * height, (column + 1) * width, (row + 1) * height)
+                        tile_name = f"{image_path.stem}_r{row}_c{column}.png"
+                        image.crop(box).save(staging / new_name / "images" / tile_name)
+                        if label is not None:
+                            label.crop(box).save(staging / new_name / "labels" / tile_name)
+                        counts[new_name] += 1
+                bar.update(1)
+        bar.close()
+        if classes_path.is_file():
+            classes = json.loads(classes_path.read_text())
+            if len(tile_sizes) == 1:
+                classes["size"] = list(next(iter(tile_sizes)))
+            else:
+                classes.pop("size", None)
+            write_json_atomic(staging / "classes.json", classes)
+        sources = ", ".join(
+            name if name == new_name else f"{name} -> {new_name}" for name, (new_name, _) in plan.items()
+        )
+        sizes = ", ".join(f"{w}x{h}" for w, h in sorted(tile_sizes))
+        rows = "\n".join(f"| {split} | {count} |" for split, count in counts.items())
+        write_text_atomic(
+            staging / "README.md",
+            f"# Tiles of {input_dir.name}\n\nEvery image of `{input_dir.name}` ({sources}) cut into {grid} x {grid} "
+            f"tiles of {sizes} pixels at the native resolution (labels alike, nothing resized; the last "
+            f"`size % {grid}` pixel rows and columns left out), named `<image>_r<row>_c<column>.png`. Built by "
+            f"`diffusers-uncertainty prepare tiles --grid {grid}`; the original dataset's README says where the "
+            f"images come from and under which licence.\n\n| split | tiles |\n| --- | --- |\n{rows}\n",
+        )
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"output_dir": str(output_dir), "splits": counts, "tile_sizes": [list(size) for size in sorted(tile_sizes)]}

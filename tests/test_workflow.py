@@ -68,7 +68,8 @@ def test_camvid_config_takes_its_data_from_the_command_line(tmp_path, monkeypatc
     assert config["data"]["root"] == str(root)
     assert config["data"]["num_classes"] == 11 and config["data"]["ignore_index"] == 11
     assert config == load_config(path, smoke=True, overrides={"data": {"root": str(root)}})
-    with pytest.raises(ValueError, match=r"shipped with the package \['camvid_daydusk', 'toy_oct'\], but 'camvid' "
+    with pytest.raises(ValueError, match=r"shipped with the package \['camvid_daydusk', 'monuseg_ffpe_frozen', "
+                                         r"'toy_oct'\], but 'camvid' "
                                          r"does not exist"):
         load_config("camvid")
 

@@ -21,7 +21,7 @@ transformers, timm and torchmetrics. The results table (markdown, with the exact
 rewritten after every stage to `<output_dir>/results.md`, so a run cut short still reports what finished. A stage
 whose output is complete is skipped on a re-run.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_latent_segmenter.py --data_root ../shared/data/camvid_daydusk \
+    OMP_NUM_THREADS=2 python benchmarks/bench_latent_segmenter.py --data_root data/camvid_daydusk \
         --output_dir /tmp/iccld_cpu --scale cpu
     python benchmarks/bench_latent_segmenter.py --data_root /path/to/camvid_daydusk --output_dir runs/iccld_gpu \
         --scale gpu

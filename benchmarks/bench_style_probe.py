@@ -3,7 +3,7 @@
 
 For each seed, a `StyleEncoderModel` is trained jointly with the uncertainty control by
 `examples/train_uncertainty_controlnet.py --train_style_encoder` (through `accelerate launch`, as a user runs it) on
-`source/train` (305 day images) and `target/train` (62 dusk images) of `../shared/data/camvid_daydusk`, on the tiny
+`source/train` (305 day images) and `target/train` (62 dusk images) of `data/camvid_daydusk`, on the tiny
 offline base pipeline (random frozen VAE/UNet/text encoder built from configs; `--base DIR` takes another base, e.g.
 the small CamVid base of `train_base_model.py`). Style images come from each sample's own domain. The uncertainty
 maps are constant 0.5 (the figure is about the style encoder; the control only has to train alongside it).

@@ -14,6 +14,8 @@ CHECKED = sorted(
     + list((REPO / "examples" / "configs").rglob("*.yaml"))
     + list((REPO / "examples").glob("*.py"))  # the scripts ship in the wheel; their usage lines are read by users
     + list((REPO / "diffusers_uncertainty" / "configs").rglob("*.yaml"))
+    + list((REPO / "benchmarks").glob("*.md"))  # their commands are meant to be re-run
+    + list((REPO / "benchmarks").glob("*.py"))
 )
 # Folders of the machine this project was developed on, which users do not have.
 MACHINE_PATHS = re.compile(

@@ -6,16 +6,22 @@ would read. Renamed files get the permissions an ordinary `open(path, "w")` woul
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import PIL.Image
 
 
-def default_file_mode() -> int:
-    """`0o666` less the process's umask: the mode `open(path, "w")` gives a new file."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_file_mode() -> int:
+    """`0o666` less the process's umask: the mode `open(path, "w")` gives a new file."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -82,3 +88,44 @@ def save_image_atomic(path: str | os.PathLike, image: PIL.Image.Image) -> None:
     """
     with atomic_write_path(path) as temporary:
         image.save(temporary, format=PIL.Image.registered_extensions()[os.path.splitext(os.fspath(path))[1].lower()])
+
+
+def check_new_folder(path: str | os.PathLike, argument: str = "--output_dir") -> None:
+    r"""
+    Raise unless `path` is absent or an empty folder (call it before any work that would end in [`atomic_new_folder`]).
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The folder to be written.
+        argument (`str`, defaults to `"--output_dir"`):
+            Name used in the error message.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"`{argument}` must be an empty or new folder, but {path} is not empty.")
+
+
+@contextlib.contextmanager
+def atomic_new_folder(path: str | os.PathLike, argument: str = "--output_dir"):
+    r"""
+    Yield a temporary folder beside `path`; when the block ends without an error it is renamed to `path` (which must
+    be absent or empty, see [`check_new_folder`]), otherwise removed: an interrupted run leaves no half-built folder.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The folder to be written; its parent is created if missing.
+        argument (`str`, defaults to `"--output_dir"`):
+            Name used in the error message.
+    """
+    path = Path(path)
+    check_new_folder(path, argument)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # the mode `mkdir` gives; mkdtemp's is private
+    try:
+        yield staging
+        if path.exists():
+            path.rmdir()
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -10,15 +10,14 @@ makes a real domain shift with labels on both sides.
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import atomic_new_folder, check_new_folder, write_json_atomic, write_text_atomic
+from .data_reader import folder_records
 
 
 CAMVID_CLASSES = (
@@ -57,12 +56,6 @@ DAYDUSK_SPLIT_SOURCES = {
 }
 UNLABELED_SPLITS = ("target/train",)
 DAYDUSK_SPLIT_NAMES = ("source/train", "source/val", "source/test", "target/train", "target/val", "target/test")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def camvid_daydusk_plan(camvid_dir: str | os.PathLike) -> dict[str, list[tuple[Path, Path]]]:
@@ -173,14 +166,10 @@ def prepare_camvid_daydusk(camvid_dir: str | os.PathLike, output_dir: str | os.P
         `dict`: `{"output_dir": str, "splits": {split: number of frames}}`.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"`--output_dir` must be an empty or new folder, but {output_dir} is not empty.")
+    check_new_folder(output_dir)
     plan = camvid_daydusk_plan(camvid_dir)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # it becomes `output_dir` itself
-    try:
+    with atomic_new_folder(output_dir) as staging:
         total = sum(len(pairs) for pairs in plan.values())
         bar = tqdm(total=total, desc="CamVid day -> dusk", unit="frame", disable=not progress)
         for split, pairs in plan.items():
@@ -208,11 +197,6 @@ def prepare_camvid_daydusk(camvid_dir: str | os.PathLike, output_dir: str | os.P
         }
         write_json_atomic(staging / "classes.json", classes)
         write_text_atomic(staging / "README.md", _readme(counts, plan))
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"output_dir": str(output_dir), "splits": counts}
 
 
@@ -271,7 +255,8 @@ def tiles_plan(
 
     Returns:
         `dict[str, tuple[str, list[tuple[Path, Path | None]]]]`: for each input split, its output split and its
-        (image, label or `None`) pairs in name order.
+        (image, label or `None`) pairs in name order, as [`~data_reader.folder_records`] reads them (images of any
+        `IMAGE_EXTENSIONS`, also in sub-folders; a label map with each image's relative stem).
 
     Raises:
         `ValueError`: naming the argument and what is wrong (a grid below 1, a split given twice or missing, an
@@ -305,16 +290,10 @@ def tiles_plan(
         mapping[name] = (new_name, [])
 
     for name, (_, pairs) in mapping.items():
-        images_dir, labels_dir = input_dir / name / "images", input_dir / name / "labels"
-        images = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
-        if not images:
-            raise ValueError(f"`--input_dir`: {images_dir} holds no images.")
-        for image_path in images:
-            label_path = None
-            if labels_dir.is_dir():
-                label_path = labels_dir / f"{image_path.stem}.png"
-                if not label_path.is_file():
-                    raise ValueError(f"`--input_dir`: {image_path} has no label {label_path}.")
+        # The package's one reader pairs images and labels: a split with `labels/` must label every image.
+        labeled = (input_dir / name / "labels").is_dir()
+        for record in folder_records(input_dir / name, require_labels=labeled, argument="--input_dir"):
+            image_path, label_path = Path(record["image"]), record["label"] and Path(record["label"])
             with PIL.Image.open(image_path) as image:
                 size = image.size
             if min(size) < grid:
@@ -366,24 +345,24 @@ def prepare_tiles(
         `dict`: `{"output_dir": str, "splits": {output split: number of tiles}, "tile_sizes": [[w, h], ...]}`.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"`--output_dir` must be an empty or new folder, but {output_dir} is not empty.")
+    check_new_folder(output_dir)
     plan = tiles_plan(input_dir, grid, splits)
     classes_path = input_dir / "classes.json"
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # it becomes `output_dir` itself
-    try:
+    with atomic_new_folder(output_dir) as staging:
         counts, tile_sizes = {}, set()
         total = sum(len(pairs) for _, pairs in plan.values())
         bar = tqdm(total=total, desc="tiles", unit="image", disable=not progress)
         for name, (new_name, pairs) in plan.items():
-            (staging / new_name / "images").mkdir(parents=True)
-            if pairs[0][1] is not None:
-                (staging / new_name / "labels").mkdir()
             counts[new_name] = 0
             for image_path, label_path in pairs:
+                # `<relative stem>_r<row>_c<column>.png`: sub-folders of `images/` are kept, so names stay unique.
+                stem = image_path.relative_to(input_dir / name / "images").with_suffix("")
+                folders = [staging / new_name / "images" / stem.parent]
+                if label_path is not None:
+                    folders.append(staging / new_name / "labels" / stem.parent)
+                for folder in folders:
+                    folder.mkdir(parents=True, exist_ok=True)
                 with PIL.Image.open(image_path) as opened:
                     image = opened.convert("RGB")
                 label = None
@@ -395,7 +374,7 @@ def prepare_tiles(
                 for row in range(grid):
                     for column in range(grid):
                         box = (column * width, row * height, (column + 1) * width, (row + 1) * height)
-                        tile_name = f"{image_path.stem}_r{row}_c{column}.png"
+                        tile_name = f"{stem}_r{row}_c{column}.png"
                         image.crop(box).save(staging / new_name / "images" / tile_name)
                         if label is not None:
                             label.crop(box).save(staging / new_name / "labels" / tile_name)
@@ -422,9 +401,4 @@ def prepare_tiles(
             f"`diffusers-uncertainty prepare tiles --grid {grid}`; the original dataset's README says where the "
             f"images come from and under which licence.\n\n| split | tiles |\n| --- | --- |\n{rows}\n",
         )
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"output_dir": str(output_dir), "splits": counts, "tile_sizes": [list(size) for size in sorted(tile_sizes)]}

@@ -59,11 +59,20 @@ def test_tiles_are_exact_crops_of_images_and_labels_with_renamed_splits(tmp_path
     assert not list(tmp_path.glob(".tiles-*"))
 
 
-def test_every_split_by_default(tmp_path):
+def test_every_split_by_default_and_sub_folders_keep_names_apart(tmp_path):
     write_dataset(tmp_path / "data")
+    train = tmp_path / "data" / "source/train"
+    for folder in ("images", "labels"):  # the same file name in a sub-folder: its tiles must not overwrite a's
+        (train / folder / "slide2").mkdir()
+        (train / folder / "a.png").rename(train / folder / "slide2" / "a.png")
+        (train / folder / "b.png").rename(train / folder / "a.png")
     result = prepare_tiles(tmp_path / "data", tmp_path / "tiles", grid=2, progress=False)
     assert result["splits"] == {"source/test": 4, "source/train": 8, "target/train": 4}
     assert result["tile_sizes"] == [[10, 9]]
+    for folder in ("images", "labels"):
+        assert sorted(p.relative_to(tmp_path / "tiles/source/train" / folder).as_posix()
+                      for p in (tmp_path / "tiles/source/train" / folder).rglob("*.png")) == [
+            f"{prefix}a_r{row}_c{column}.png" for prefix in ("", "slide2/") for row in (0, 1) for column in (0, 1)]
 
 
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
@@ -79,7 +88,8 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"`--grid` 19 cuts .*c\.png \(21x18\) into tiles of less than 1 pixel"):
         tiles_plan(data, 19)
     (data / "source/train/labels/b.png").unlink()
-    with pytest.raises(ValueError, match=r"`--input_dir`: .*source/train/images/b\.png has no label .*labels/b\.png"):
+    with pytest.raises(ValueError, match=r"`--input_dir`: 1 image\(s\) have no label map with the same name in "
+                                         r".*source/train/labels, e\.g\. \[.*source/train/images/b\.png'\]"):
         prepare_tiles(data, tmp_path / "tiles", 2, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 

@@ -6,6 +6,9 @@ CamVid in its common public layout, the `CamVid/` folder of the SegNet tutorial:
 void (11). File names start with their video sequence (`0001TP_006690.png`, `0006R0_f00930.png`,
 `0016E5_00390.png`, `Seq05VD_f00000.png`). Sequence 0001TP was filmed at dusk, the other three in daylight, which
 makes a real domain shift with labels on both sides.
+
+`prepare_tiles` (`diffusers-uncertainty prepare tiles`) cuts a dataset already in the package's layout into
+native-resolution tiles, images and label maps alike (e.g. histology fields whose nuclei resizing would erase).
 """
 
 import json

@@ -5,6 +5,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .workflow import shipped_configs
+
     parser = argparse.ArgumentParser(
         prog="diffusers-uncertainty",
         description=(
@@ -18,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config",
         default=None,
-        help="YAML file, or the name of a config shipped with the package (camvid_daydusk, toy_oct); default: toy_oct.",
+        help=f"YAML file, or the name of a config shipped with the package ({', '.join(shipped_configs())}); default:"
+        " toy_oct.",
     )
     run.add_argument("--scale", default=None, help="A named scale of the config's `scales:` section (e.g. gpu, smoke).")
     run.add_argument("--smoke", action="store_true", help="Short for `--scale smoke` (a small CPU machine).")

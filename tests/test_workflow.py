@@ -44,6 +44,16 @@ def test_embedded_default_plans_every_stage_of_the_workflow(tmp_path):
     assert synthetic.args["synthetic_data_dir"] == tmp_path / "synthetic"
 
 
+def test_run_help_names_every_shipped_config():
+    from diffusers_uncertainty.cli import build_parser
+    from diffusers_uncertainty.workflow import shipped_configs
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    help_text = next(action.help for action in run._actions if "--config" in action.option_strings)
+    assert set(shipped_configs()) == {"camvid_daydusk", "monuseg_ffpe_frozen", "toy_oct"}
+    assert f"({', '.join(shipped_configs())})" in help_text
+
+
 def test_camvid_config_takes_its_data_from_the_command_line(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--output_dir", default=None)
     stages.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
 
-    prepare = subcommands.add_parser("prepare", help="Build a dataset from its public source in the package's layout.")
+    prepare = subcommands.add_parser(
+        "prepare", help="Build a dataset in the package's layout: from its public source, as tiles, or with FDA copies."
+    )
     dataset_parsers = prepare.add_subparsers(dest="dataset", required=True)
     camvid = dataset_parsers.add_parser(
         "camvid-daydusk",
@@ -59,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Splits to tile, each NAME or NAME:NEW_NAME (e.g. source/test:source/val); default: every split.",
     )
+
+    fda = dataset_parsers.add_parser(
+        "fda-copies",
+        help="A labeled folder again with an FDA copy of each image (the low-frequency amplitude of a random target "
+        "image, same label map), for training a control on both looks of each layout.",
+    )
+    fda.add_argument("--labeled_dir", required=True, help="A labeled folder: images/ and labels/.")
+    fda.add_argument("--target_dir", required=True, help="Unlabeled target images (their amplitude spectra).")
+    fda.add_argument("--output_dir", required=True, help="Where the labeled folder goes (empty or new folder).")
+    fda.add_argument("--beta", type=float, default=0.03, help="FDA window, a fraction of the shorter side.")
+    fda.add_argument("--seed", type=int, default=0, help="Draws the target image of each copy.")
 
     toy = subcommands.add_parser("make-toy-data", help="Write the embedded two-domain OCT-like dataset to a folder.")
     toy.add_argument("root", help="Output folder (must be empty or absent).")
@@ -82,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         counts = ", ".join(f"{split} {count}" for split, count in result["splits"].items())
         sizes = ", ".join(f"{w}x{h}" for w, h in result["tile_sizes"])
         print(f"Wrote {sizes} tiles to {result['output_dir']} ({counts}).")
+        return 0
+    if args.command == "prepare" and args.dataset == "fda-copies":
+        from .prepare import prepare_fda_copies
+
+        result = prepare_fda_copies(args.labeled_dir, args.target_dir, args.output_dir, args.beta, args.seed)
+        print(f"Wrote {result['images']} labeled images and {result['copies']} FDA copies (beta {args.beta}) to "
+              f"{result['output_dir']}.")
         return 0
     if args.command == "prepare":
         from .prepare import prepare_camvid_daydusk

@@ -9,18 +9,25 @@ makes a real domain shift with labels on both sides.
 
 `prepare_tiles` (`diffusers-uncertainty prepare tiles`) cuts a dataset already in the package's layout into
 native-resolution tiles, images and label maps alike (e.g. histology fields whose nuclei resizing would erase).
+
+`prepare_fda_copies` (`diffusers-uncertainty prepare fda-copies`) writes a labeled folder again with, beside each
+image, a copy given the low-frequency amplitude spectrum of a random unlabeled target image (Fourier Domain
+Adaptation) and the same label map: training data for a control that must learn layouts apart from the source look.
 """
 
 import json
 import os
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import PIL.Image
+import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_new_folder, check_new_folder, write_json_atomic, write_text_atomic
-from .data_reader import folder_records
+from .data_reader import folder_records, labeled_folder_records, unlabeled_folder_records
 
 
 CAMVID_CLASSES = (
@@ -405,3 +412,82 @@ def prepare_tiles(
             f"images come from and under which licence.\n\n| split | tiles |\n| --- | --- |\n{rows}\n",
         )
     return {"output_dir": str(output_dir), "splits": counts, "tile_sizes": [list(size) for size in sorted(tile_sizes)]}
+
+
+def _float_image(image: PIL.Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def prepare_fda_copies(
+    labeled_dir: str | os.PathLike,
+    target_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    beta: float = 0.03,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    r"""
+    Write the labeled folder `labeled_dir` again with, beside each image, an FDA copy: the image given the
+    low-frequency amplitude spectrum of a random image of `target_dir` (window `beta`, see
+    [`~segmentation.fourier.fourier_domain_adaptation`]; its phase, so its layout, kept), clipped and rounded to 8
+    bits, with the same label map. The originals keep their names; a copy is named `fda_<name>.png`.
+
+    Why: a semantic control trained on source images alone learns the source look along with the layout, so raising
+    its weight at generation makes images follow their labels but look less like the target. Trained on both looks of
+    each layout (`train_uncertainty_controlnet.py --train_data_dir <output_dir>`, with `--uncertainty_dir` the maps
+    `compute_uncertainty.py` gives for this folder), it carries the layout alone (`docs/synthesis.md`).
+
+    Every image of both folders must have one size (as tiles do): the transfer is computed at that size, without
+    resizing. The folder is written under a temporary name and renamed into place when complete.
+
+    Args:
+        labeled_dir (`str` or `os.PathLike`):
+            A labeled folder (`images/`, `labels/`).
+        target_dir (`str` or `os.PathLike`):
+            Unlabeled target images (`images/` or the folder itself).
+        output_dir (`str` or `os.PathLike`):
+            Where the labeled folder goes; must be absent or empty.
+        beta (`float`, defaults to 0.03):
+            FDA window as a fraction of the shorter side, in `(0, 1]`.
+        seed (`int`, defaults to 0):
+            Draws the target image of each copy.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+
+    Returns:
+        `dict`: `{"output_dir": str, "images": number of originals, "copies": number of copies}`.
+    """
+    from .segmentation.fourier import fourier_domain_adaptation
+
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"`--beta` must be in (0, 1], got {beta}.")
+    records = labeled_folder_records(labeled_dir, "--labeled_dir")
+    targets = unlabeled_folder_records(target_dir, "--target_dir")
+    check_new_folder(output_dir)
+    sizes = set()
+    for record in records + targets:
+        with PIL.Image.open(record["image"]) as image:
+            sizes.add(image.size)
+    if len(sizes) != 1:
+        raise ValueError(f"`--labeled_dir` and `--target_dir` images must share one size, got sizes {sorted(sizes)}.")
+
+    target_images = []
+    for record in targets:
+        with PIL.Image.open(record["image"]) as image:
+            target_images.append(_float_image(image))
+    target_amplitude = torch.fft.fft2(torch.stack(target_images)).abs()
+    generator = torch.Generator().manual_seed(seed)
+    with atomic_new_folder(output_dir) as staging:
+        for record in tqdm(records, desc="fda copies", unit="image", disable=not progress):
+            relative, label_path = Path(record["relative_path"]), Path(record["label"])
+            with PIL.Image.open(record["image"]) as opened:
+                image = opened.convert("RGB")
+            choice = torch.randint(len(targets), (1,), generator=generator)
+            copy = fourier_domain_adaptation(_float_image(image)[None], target_amplitude[choice], beta).clamp(0, 1)
+            copy = PIL.Image.fromarray((copy[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8))
+            for name, picture in ((relative, image), (relative.with_name("fda_" + relative.name), copy)):
+                for folder in ("images", "labels"):
+                    (staging / folder / name).parent.mkdir(parents=True, exist_ok=True)
+                picture.save((staging / "images" / name).with_suffix(".png"))
+                shutil.copyfile(label_path, (staging / "labels" / name).with_suffix(label_path.suffix))
+    return {"output_dir": str(output_dir), "images": len(records), "copies": len(records)}

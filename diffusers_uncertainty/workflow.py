@@ -12,6 +12,7 @@ the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty 
 
 import copy
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -319,6 +320,42 @@ class Stage:
         return (self.output / MARKER).is_file()
 
 
+def fda_copies_settings(config: dict) -> dict | None:
+    r"""
+    `control.fda_copies` checked: `None` when absent, else `{"beta": float, "seed": int}` (`beta` defaults to 0.03,
+    `seed` to the config's seed). With it the control is trained on `source/train` plus an FDA copy of each image
+    ([`~prepare.prepare_fda_copies`]) instead of `source/train` alone.
+
+    Args:
+        config (`dict`):
+            A config from [`load_config`].
+    """
+    settings = (config.get("control") or {}).get("fda_copies")
+    if settings is None or settings is False:
+        return None
+    if settings is True:
+        settings = {}
+    if not isinstance(settings, dict) or set(settings) - {"beta", "seed"}:
+        raise ValueError(
+            f"`control.fda_copies` must be true or a mapping with `beta` and `seed`, but got {settings!r}."
+        )
+    beta = settings.get("beta", 0.03)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
+        raise ValueError(f"`control.fda_copies.beta` must be a number in (0, 1], but got {beta!r}.")
+    seed = settings.get("seed", config.get("seed", 0))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"`control.fda_copies.seed` must be an integer, but got {seed!r}.")
+    return {"beta": float(beta), "seed": seed}
+
+
+def _write_fda_copies(root: Path, copies: Path, settings: dict) -> None:
+    from .prepare import prepare_fda_copies
+
+    if copies.exists():  # an interrupted earlier attempt (the stage is not complete): start again
+        shutil.rmtree(copies)
+    prepare_fda_copies(root / "source" / "train", root / "target" / "train", copies, progress=False, **settings)
+
+
 def plan(config: dict) -> list[Stage]:
     r"""
     The stages for a config, in order. Pure: nothing is run or written.
@@ -376,9 +413,18 @@ def plan(config: dict) -> list[Stage]:
         )
     )
 
+    # The control's labeled data: source/train, or source/train with an FDA copy of each image (`control.fda_copies`).
+    control_labeled = {"source/train": root / "source" / "train"}
+    fda_copies = fda_copies_settings(config)
+    if fda_copies is not None:
+        copies = out / "fda_copies"
+        control_labeled = {"fda_copies": copies}
+        stages.append(Stage("fda_copies", copies, function=lambda: _write_fda_copies(root, copies, fda_copies)))
+
     uncertainty_args = dict(config.get("uncertainty", {}).get("args") or {})
     maps = {}
-    for split in ("source/train", "target/train"):
+    for split, data_dir in {"source/train": root / "source" / "train", "target/train": root / "target" / "train",
+                            **control_labeled}.items():
         name = split.replace("/", "_")
         maps[split] = out / "uncertainty" / name
         stages.append(
@@ -386,20 +432,21 @@ def plan(config: dict) -> list[Stage]:
                 f"uncertainty:{name}",
                 maps[split],
                 "compute_uncertainty.py",
-                {"model": source_segmenter, "data_dir": root / split, "resolution": data["resolution"],
+                {"model": source_segmenter, "data_dir": data_dir, "resolution": data["resolution"],
                  "output_dir": maps[split], **uncertainty_args},
             )
         )
 
     control_args = dict(config.get("control", {}).get("args") or {})
     control = out / "control"
+    (control_split, control_dir), = control_labeled.items()
     stages.append(
         Stage(
             "control",
             control,
             "train_uncertainty_controlnet.py",
-            {"pretrained_model_name_or_path": base_path, "train_data_dir": root / "source" / "train",
-             "uncertainty_dir": maps["source/train"] / "maps", "unlabeled_data_dir": root / "target" / "train",
+            {"pretrained_model_name_or_path": base_path, "train_data_dir": control_dir,
+             "uncertainty_dir": maps[control_split] / "maps", "unlabeled_data_dir": root / "target" / "train",
              "unlabeled_uncertainty_dir": maps["target/train"] / "maps", "output_dir": control, "seed": seed,
              **common, **control_args},
         )
@@ -430,7 +477,7 @@ def plan(config: dict) -> list[Stage]:
                                    evaluate_args)
 
     stages += refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
-                                uncertainty_args, control_args, generate_args, evaluate_args)
+                                uncertainty_args, control_args, generate_args, evaluate_args, control_labeled)
 
     # Label fidelity, target likeness and uncertainty of the synthetic data (synthetic_evaluation.py). The
     # target-like segmenter is the photometric variant's (the one named `photometric` first), if the config has one.
@@ -517,11 +564,12 @@ def refinement_variant(config: dict) -> str | None:
 
 
 def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled_dir, control, variants,
-                      uncertainty_args, control_args, generate_args, evaluate_args) -> list[Stage]:
+                      uncertainty_args, control_args, generate_args, evaluate_args, control_labeled) -> list[Stage]:
     r"""
     The stages of refinement rounds 2 .. `refine_rounds` (round 1 is the workflow itself). Round `r` writes
     `<output_dir>/rounds/round_<r>/`: the previous round's segmenter (`refine.segmenter`) re-estimates the uncertainty
-    maps of `source/train` and `target/train`, the previous round's control is fine-tuned on them (the control's args,
+    maps of the control's labeled data (`source/train`, or the FDA copies of `control.fda_copies`) and `target/train`,
+    the previous round's control is fine-tuned on them (the control's args,
     then `refine.control.args`, e.g. fewer steps), the synthetic data is regenerated with the new control and the
     new target maps (generation seed offset by the round), and every synthetic variant is retrained from scratch
     on it and evaluated. Variants without synthetic data do not change between rounds and are not repeated.
@@ -540,24 +588,25 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
     if not isinstance(match_uncertainty, bool):
         raise ValueError(f"`refine.match_uncertainty` must be true or false, but got {match_uncertainty!r}.")
     stages = []
+    (control_split, control_dir), = control_labeled.items()
     previous_segmenter, previous_control = out / "segmenters" / name, control
     for round_index in range(2, config["refine_rounds"] + 1):
         folder = out / "rounds" / f"round_{round_index}"
         prefix = f"round_{round_index}:"
         maps = {}
-        for split in ("source/train", "target/train"):
+        for split, data_dir in {**control_labeled, "target/train": root / "target" / "train"}.items():
             split_name = split.replace("/", "_")
             maps[split] = folder / "uncertainty" / split_name
             matching = {"match_reference_dir": out / "uncertainty" / split_name / "maps"} if match_uncertainty else {}
             stages.append(Stage(f"{prefix}uncertainty:{split_name}", maps[split], "compute_uncertainty.py",
-                                {"model": previous_segmenter, "data_dir": root / split,
+                                {"model": previous_segmenter, "data_dir": data_dir,
                                  "resolution": data["resolution"], "output_dir": maps[split], **uncertainty_args,
                                  **matching}))
         round_control = folder / "control"
         stages.append(Stage(
             f"{prefix}control", round_control, "train_uncertainty_controlnet.py",
             {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": previous_control,
-             "train_data_dir": root / "source" / "train", "uncertainty_dir": maps["source/train"] / "maps",
+             "train_data_dir": control_dir, "uncertainty_dir": maps[control_split] / "maps",
              "unlabeled_data_dir": unlabeled_dir, "unlabeled_uncertainty_dir": maps["target/train"] / "maps",
              "output_dir": round_control, "seed": seed, **common, **control_args,
              **((refine.get("control") or {}).get("args") or {})}))

@@ -1,16 +1,10 @@
-"""`benchmarks/make_fda_copies.py`: the labeled folder doubled with FDA copies that keep their labels."""
-
-import sys
-from pathlib import Path
+"""`diffusers-uncertainty prepare fda-copies`: a labeled folder doubled with FDA copies that keep their labels."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import make_fda_copies  # noqa: E402
+from diffusers_uncertainty.cli import main
 
 
 def write_image(path, array):
@@ -18,7 +12,12 @@ def write_image(path, array):
     Image.fromarray(array).save(path)
 
 
-def test_copies_keep_labels_and_take_the_target_colour(tmp_path):
+def command(tmp_path, *extra):
+    return ["prepare", "fda-copies", "--labeled_dir", str(tmp_path / "src"), "--target_dir", str(tmp_path / "target"),
+            "--output_dir", str(tmp_path / "out"), *extra]
+
+
+def test_copies_keep_labels_and_take_the_target_colour(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for stem in ("a", "b"):  # mid-range images, so that the transfer needs no clipping
         write_image(tmp_path / "src" / "images" / f"{stem}.png", rng.integers(70, 130, (16, 16, 3), dtype=np.uint8))
@@ -27,8 +26,8 @@ def test_copies_keep_labels_and_take_the_target_colour(tmp_path):
     target[..., 2] = 60  # a colour cast the copies must take
     write_image(tmp_path / "target" / "t.png", target)
 
-    make_fda_copies.main(["--train_data_dir", str(tmp_path / "src"), "--target_dir", str(tmp_path / "target"),
-                          "--output_dir", str(tmp_path / "out"), "--beta", "0.05"])
+    assert main(command(tmp_path, "--beta", "0.05")) == 0
+    assert f"Wrote 2 labeled images and 2 FDA copies (beta 0.05) to {tmp_path / 'out'}." in capsys.readouterr().out
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "images").iterdir()) == ["a.png", "b.png", "fda_a.png", "fda_b.png"]
     for stem in ("a", "b"):
@@ -43,11 +42,15 @@ def test_copies_keep_labels_and_take_the_target_colour(tmp_path):
         np.testing.assert_allclose(copy - copy.mean(axis=(0, 1)), original - original.mean(axis=(0, 1)), atol=0.6)
 
 
-def test_images_of_another_size_are_refused_before_writing(tmp_path):
+def test_bad_input_is_refused_before_writing(tmp_path):
     write_image(tmp_path / "src" / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
     write_image(tmp_path / "src" / "labels" / "a.png", np.zeros((16, 16), np.uint8))
     write_image(tmp_path / "target" / "t.png", np.zeros((12, 16, 3), np.uint8))
     with pytest.raises(ValueError, match=r"must share one size, got sizes \[\(16, 12\), \(16, 16\)\]"):
-        make_fda_copies.main(["--train_data_dir", str(tmp_path / "src"), "--target_dir", str(tmp_path / "target"),
-                              "--output_dir", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src", "target"]
+        main(command(tmp_path))
+    with pytest.raises(ValueError, match=r"`--beta` must be in \(0, 1\], got 0.0"):
+        main(command(tmp_path, "--beta", "0"))
+    (tmp_path / "src" / "labels" / "a.png").unlink()
+    with pytest.raises(ValueError, match=r"`--labeled_dir`: 1 image\(s\) have no label map"):
+        main(command(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "target"]  # nothing written

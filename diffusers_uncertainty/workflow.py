@@ -569,8 +569,8 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
     The stages of refinement rounds 2 .. `refine_rounds` (round 1 is the workflow itself). Round `r` writes
     `<output_dir>/rounds/round_<r>/`: the previous round's segmenter (`refine.segmenter`) re-estimates the uncertainty
     maps of the control's labeled data (`source/train`, or the FDA copies of `control.fda_copies`) and `target/train`,
-    the previous round's control is fine-tuned on them (the control's args,
-    then `refine.control.args`, e.g. fewer steps), the synthetic data is regenerated with the new control and the
+    the previous round's control is fine-tuned on them (the control's args, then `refine.control.args`, e.g. fewer
+    steps), the synthetic data is regenerated with the new control and the
     new target maps (generation seed offset by the round), and every synthetic variant is retrained from scratch
     on it and evaluated. Variants without synthetic data do not change between rounds and are not repeated.
 

@@ -41,10 +41,13 @@ if [[ $part == pack ]]; then
     for split in source/train source/val target/train target/val; do
         [[ -d $data/$split/images ]] || { echo "DATA_DIR must hold $split/images/, but $data/$split/images is missing" >&2; exit 2; }
     done
+    [[ -f $data/classes.json ]] || { echo "DATA_DIR must hold classes.json, but $data/classes.json is missing" >&2; exit 2; }
     exclude .whl
     exclude .devdata
-    rm -rf .whl .devdata
-    mkdir -p .whl .devdata/camvid_daydusk
+    # Built under temporary names and renamed when complete: a failed pack leaves the previous folders as they were.
+    rm -rf .whl.partial .devdata.partial
+    trap 'rm -rf .whl.partial .devdata.partial' EXIT
+    mkdir -p .whl.partial .devdata.partial/camvid_daydusk
     # The versions this checkout was tested with, for the device's CPython 3.12 (pure-Python wheels but multiprocess).
     versions=$(python - <<'EOF'
 import importlib.metadata as m
@@ -55,16 +58,19 @@ EOF
     # shellcheck disable=SC2086
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl $versions
+        -d .whl.partial $versions
     for split in source/train source/val target/train target/val; do
-        mkdir -p ".devdata/camvid_daydusk/$split"
-        cp -r "$data/$split/." ".devdata/camvid_daydusk/$split/"
+        mkdir -p ".devdata.partial/camvid_daydusk/$split"
+        cp -r "$data/$split/." ".devdata.partial/camvid_daydusk/$split/"
     done
-    cp "$data/classes.json" .devdata/camvid_daydusk/
+    cp "$data/classes.json" .devdata.partial/camvid_daydusk/
+    total=$(du -sm .whl.partial .devdata.partial | awk '{s += $1} END {print s}')
+    (( total < 60 )) || { echo "Carried folders would be ${total} MiB: over what a call may carry with the checkout" >&2; exit 2; }
+    rm -rf .whl .devdata
+    mv .whl.partial .whl
+    mv .devdata.partial .devdata
     echo "Packed $versions"
     du -sh .whl .devdata
-    total=$(du -sm .whl .devdata | awk '{s += $1} END {print s}')
-    (( total < 60 )) || { echo "Carried folders are ${total} MiB: over what a call may carry with the checkout" >&2; exit 2; }
     echo "Carry [\".whl\", \".devdata\"] and run: bash benchmarks/gpu_session.sh device 540"
     exit 0
 fi

@@ -430,7 +430,7 @@ def prepare_fda_copies(
     Write the labeled folder `labeled_dir` again with, beside each image, an FDA copy: the image given the
     low-frequency amplitude spectrum of a random image of `target_dir` (window `beta`, see
     [`~segmentation.fourier.fourier_domain_adaptation`]; its phase, so its layout, kept), clipped and rounded to 8
-    bits, with the same label map. The originals keep their names; a copy is named `fda_<name>.png`.
+    bits, with the same label map. The originals keep their names (saved as RGB PNG); a copy is named `fda_<name>.png`.
 
     Why: a semantic control trained on source images alone learns the source look along with the layout, so raising
     its weight at generation makes images follow their labels but look less like the target. Trained on both looks of

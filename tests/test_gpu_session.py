@@ -38,6 +38,10 @@ def test_pack_checks_the_data_folder_before_writing(tmp_path):
     result = run("pack", str(tmp_path))
     assert result.returncode == 2
     assert f"DATA_DIR must hold source/val/images/, but {tmp_path}/source/val/images is missing" in result.stderr
+    for split in ("source/val", "target/train", "target/val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+    result = run("pack", str(tmp_path))
+    assert result.returncode == 2 and f"DATA_DIR must hold classes.json, but {tmp_path}/classes.json" in result.stderr
     assert {path.name for path in repo.iterdir()} == before  # no .whl/ or .devdata/ made
 
 

@@ -302,3 +302,18 @@ def test_rows_and_refinement_settings_are_checked_before_any_work(tmp_path, caps
     with pytest.raises(ValueError, match=rf"made without --match_uncertainty, but this run is with it; delete "
                                          rf"{tmp_path / 'seed_1' / 'rounds'}"):
         bench_headline.check_rounds(tmp_path, [0, 1], match_uncertainty=True)
+
+
+def test_later_seeds_link_the_first_seeds_fda_copies_with_its_control(tmp_path):
+    first, later = tmp_path / "seed_0", tmp_path / "seed_1"
+    for stage in (*bench_headline.SHARED_STAGES, "fda_copies", "uncertainty/fda_copies"):
+        (first / stage).mkdir(parents=True)
+        (first / stage / MARKER).write_text("{}")
+    bench_headline.link_shared(first, later)
+    for stage in (*bench_headline.SHARED_STAGES, "fda_copies", "uncertainty/fda_copies"):
+        assert (later / stage).is_symlink() and (later / stage).resolve() == (first / stage).resolve()
+    # Without `control.fda_copies` in the first seed nothing more is linked.
+    (first / "fda_copies" / MARKER).unlink()
+    other = tmp_path / "seed_2"
+    bench_headline.link_shared(first, other)
+    assert not (other / "fda_copies").exists() and not (other / "uncertainty" / "fda_copies").exists()

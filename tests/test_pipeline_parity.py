@@ -40,7 +40,7 @@ def _both(ours, stock, **kwargs):
 def test_call_accepts_every_argument_of_the_stock_controlnet_pipeline():
     stock = set(inspect.signature(StableDiffusionControlNetPipeline.__call__).parameters)
     ours = set(inspect.signature(StableDiffusionDualControlPipeline.__call__).parameters)
-    # `image` is our two maps, `controlnet_conditioning_scale` our two per-branch scales; `kwargs` carries only
+    # `image` (the control image) is our two maps, `controlnet_conditioning_scale` our two per-branch scales; `kwargs` carries only
     # diffusers' deprecated `callback`/`callback_steps`.
     renamed = {"image", "controlnet_conditioning_scale", "kwargs"}
     assert stock - renamed <= ours, sorted(stock - renamed - ours)

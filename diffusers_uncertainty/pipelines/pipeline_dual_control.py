@@ -16,7 +16,7 @@ from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionCo
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
-from diffusers.utils.torch_utils import is_compiled_module
+from diffusers.utils.torch_utils import is_compiled_module, randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
@@ -188,7 +188,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             size = (self.unet.config.sample_size * self.vae_scale_factor,) * 2
         return height or int(size[0]), width or int(size[1])
 
-    def check_components(self, prompt, output_type, ip_adapter_image=None, ip_adapter_image_embeds=None):
+    def check_components(self, prompt, output_type, ip_adapter_image=None, ip_adapter_image_embeds=None, init_image=None):
         r"""
         Raise a `ValueError` naming the component a call needs but the pipeline was built without (diffusers'
         pipelines may be built with only some components, e.g. the text components for `encode_prompt`).
@@ -196,7 +196,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         needed = ["unet", "controlnet", "scheduler"]
         if prompt is not None:
             needed += ["text_encoder", "tokenizer"]
-        if output_type != "latent":
+        if output_type != "latent" or init_image is not None:
             needed.append("vae")
         if ip_adapter_image is not None:
             needed.append("image_encoder")
@@ -292,6 +292,56 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     )
                     + "."
                 )
+
+    def check_image_inputs(self, init_image, strength, latents, num_steps: int) -> None:
+        r"""
+        Validate `init_image` and `strength` of `__call__` before any work (`num_steps`: the length of the schedule).
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"`strength` must be a number in (0, 1], but got {strength!r}.")
+        if init_image is None:
+            if strength != 1.0:
+                raise ValueError(
+                    f"`strength` {strength} applies to image-to-image generation, but no `init_image` was given; pass "
+                    "`init_image` or leave `strength` at 1.0."
+                )
+            return
+        if latents is not None:
+            raise ValueError("Pass either `init_image` (generation starts from the noised image) or `latents`, not both.")
+        if int(num_steps * strength) < 1:
+            raise ValueError(
+                f"`strength` {strength} of {num_steps} denoising steps leaves no step to run (int(strength x steps) "
+                "= 0); raise `strength` or `num_inference_steps`."
+            )
+
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+        r"""
+        The last `int(strength * num_inference_steps)` timesteps of the scheduler's schedule, and their number
+        (as `StableDiffusionImg2ImgPipeline.get_timesteps`).
+        """
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        return timesteps, num_inference_steps - t_start
+
+    def prepare_image_latents(self, image: torch.Tensor, timestep: torch.Tensor, dtype, device, generator) -> torch.Tensor:
+        r"""
+        The starting latents of image-to-image generation: `image` (`(N, 3, H, W)` in [-1, 1]) encoded with the VAE
+        (the mean of its latent distribution, scaled by the VAE's `scaling_factor`) and noised to `timestep` with the
+        scheduler's `add_noise`; the noise comes from `generator` (one per image when a list) as in `prepare_latents`.
+        """
+        if isinstance(generator, list) and len(generator) != image.shape[0]:
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but {image.shape[0]} images are "
+                "generated; pass one generator per image."
+            )
+        image = image.to(device=device, dtype=self.vae.dtype)
+        image_latents = self.vae.encode(image).latent_dist.mode() * self.vae.config.scaling_factor
+        image_latents = image_latents.to(dtype)
+        noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(image_latents, noise, timestep.repeat(image_latents.shape[0]))
 
     def prepare_style_sets(self, style_images, batch_size: int, style_guidance_scale: float) -> list[torch.Tensor] | None:
         r"""
@@ -402,9 +452,11 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         sigmas: list[float] | None = None,
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        init_image=None,
+        strength: float = 1.0,
     ):
         r"""
-        Generate images from label maps and uncertainty maps.
+        Generate images from label maps and uncertainty maps, from noise or (with `init_image`) from a noised image.
 
         Batching: the prompts, label maps and uncertainty maps each have a batch size of 1 or `B`; size-1 inputs
         are repeated to `B` (one prompt for many label maps is the usual case), and everything is then repeated
@@ -486,6 +538,18 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*):
                 Pre-computed IP-Adapter image embeddings, one tensor per adapter, `(batch, num_images, dim)` with the
                 negative embeddings first when guidance is on (as `prepare_ip_adapter_image_embeds` returns them).
+            init_image (*optional*):
+                Starting image(s) for image-to-image generation, as `image` in diffusers' img2img pipelines (SDEdit,
+                Meng et al. 2022; named apart because `image` is the control image in the ControlNet pipeline this one
+                mirrors): PIL images, numpy arrays or tensors as `VaeImageProcessor.preprocess` takes them, batch size
+                1 or `B`, resized to the output size. The image is encoded with the VAE (the mean of its latent
+                distribution), noised to the timestep where the last `strength` of the schedule begins, and denoised
+                from there with both controls. Typical use: a labeled source image with its own label map and a target
+                uncertainty map, so the layout is kept and the appearance moves toward the target. `None`: from noise.
+            strength (`float`, defaults to 1.0):
+                With `init_image`, the fraction of the `num_inference_steps` steps that runs, in (0, 1]; `int(strength *
+                num_inference_steps)` steps must be at least 1. Lower keeps more of the image. Must be 1.0 without
+                `init_image`.
 
         Returns:
             [`DualControlPipelineOutput`] or `tuple`.
@@ -493,7 +557,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        self.check_components(prompt, output_type, ip_adapter_image, ip_adapter_image_embeds)
+        self.check_components(prompt, output_type, ip_adapter_image, ip_adapter_image_embeds, init_image)
         controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
         control_guidance_start = _per_branch(control_guidance_start, "control_guidance_start")
         control_guidance_end = _per_branch(control_guidance_end, "control_guidance_end")
@@ -517,6 +581,10 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
+        num_steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
+        self.check_image_inputs(init_image, strength, latents, num_steps)
+        if init_image is not None:
+            init_image = self.image_processor.preprocess(init_image, height=height, width=width)
         config = controlnet.config
         one_hot = labels = uncertainty = None
         if semantic_map is not None:
@@ -540,6 +608,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             sizes["semantic_map"] = one_hot.shape[0]
         if uncertainty is not None:
             sizes["uncertainty_map"] = uncertainty.shape[0]
+        if init_image is not None:
+            sizes["init_image"] = init_image.shape[0]
         batch_size = max(sizes.values())
         if any(size not in (1, batch_size) for size in sizes.values()):
             raise ValueError(f"Batch sizes must be 1 or equal, but got {sizes}.")
@@ -647,10 +717,17 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
 
         # 4. Timesteps and 5. latents.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        if init_image is None:
+            latents = self.prepare_latents(
+                total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+            )
+        else:
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
+            repeat_by = total if init_image.shape[0] == 1 else num_images_per_prompt
+            latents = self.prepare_image_latents(
+                init_image.repeat_interleave(repeat_by, dim=0), timesteps[:1], prompt_embeds.dtype, device, generator
+            )
         self._num_timesteps = len(timesteps)
-        latents = self.prepare_latents(
-            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
-        )
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
             guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)

@@ -324,7 +324,8 @@ def _title_band(titles: list[str], tile_width: int) -> PIL.Image.Image:
 
 def headline_grid(pipeline, label_maps: list[np.ndarray], source_images: list[PIL.Image.Image],
                   target_images: list[PIL.Image.Image], settings: dict, num_classes: int, ignore_index: int | None,
-                  row_seeds: list[int], levels=LEVELS, tile: int = 128) -> tuple[PIL.Image.Image, list[dict]]:
+                  row_seeds: list[int], levels=LEVELS, tile: int = 128,
+                  init_images: list[PIL.Image.Image] | None = None) -> tuple[PIL.Image.Image, list[dict]]:
     r"""
     The grid: one row per label map, columns `label map | u = level ... | nearest source/train | nearest
     target/train`, titles drawn above.
@@ -337,8 +338,8 @@ def headline_grid(pipeline, label_maps: list[np.ndarray], source_images: list[PI
         source_images, target_images (`list[PIL.Image.Image]`):
             The real images searched for the nearest one ([`nearest_image`] against the image at the last level).
         settings (`dict`):
-            Generation settings: `prompt`, `num_inference_steps`, `guidance_scale`, `semantic_conditioning_scale`,
-            `uncertainty_conditioning_scale`, `height`, `width` (a generated dataset's `generation_config.json`).
+            A generated dataset's `generation_config.json` settings: the rows are generated as the dataset was
+            (`synthesis.dataset_generation_arguments`) at its `height` x `width`.
         num_classes (`int`), ignore_index (`int`, *optional*):
             The label space (for resizing and colouring).
         row_seeds (`list[int]`):
@@ -347,6 +348,9 @@ def headline_grid(pipeline, label_maps: list[np.ndarray], source_images: list[PI
             Uniform uncertainty levels.
         tile (`int`, defaults to 128):
             Tiles whose short side is smaller are enlarged by a whole factor to reach it.
+        init_images (`list[PIL.Image.Image]`, *optional*):
+            The image of each label map, the starting image when the dataset was generated from source images
+            (`source_image_strength` below 1); needed then.
 
     Returns:
         `tuple(PIL.Image.Image, list[dict])`: the grid and, per row, the indices and distances of the nearest images.
@@ -355,19 +359,25 @@ def headline_grid(pipeline, label_maps: list[np.ndarray], source_images: list[PI
 
     from diffusers_uncertainty.conditioning import prepare_semantic_map
     from diffusers_uncertainty.report import colorize
-    from diffusers_uncertainty.synthesis import WorkItem, generate_batch, quantize_uncertainty
+    from diffusers_uncertainty.synthesis import WorkItem, dataset_generation_arguments, generate_batch, quantize_uncertainty
 
     height, width = settings["height"], settings["width"]
     factor = max(1, math.ceil(tile / min(height, width)))
     size = (width * factor, height * factor)
-    generation = {key: settings[key] for key in ("prompt", "num_inference_steps", "guidance_scale",
-                                                 "semantic_conditioning_scale", "uncertainty_conditioning_scale")}
+    generation = dataset_generation_arguments(settings)
+    if generation["strength"] < 1.0 and (init_images is None or len(init_images) != len(label_maps)):
+        raise ValueError(
+            f"The dataset was generated from source images (strength {generation['strength']}): pass `init_images`, "
+            f"one per label map ({len(label_maps)})."
+        )
     rows, info = [], []
     for row, (label_map, seed) in enumerate(zip(label_maps, row_seeds)):
         _, labels = prepare_semantic_map(label_map, num_classes, height, width, ignore_index)
         uncertainty, _ = quantize_uncertainty(torch.stack([torch.full((1, height, width), float(u)) for u in levels]))
         items = [WorkItem(row, 0, seed)] * len(levels)  # one seed: the levels share their noise
-        images, aligned = generate_batch(pipeline, items, labels.repeat(len(levels), 1, 1), uncertainty, **generation)
+        init = [init_images[row]] * len(levels) if generation["strength"] < 1.0 else None
+        images, aligned = generate_batch(pipeline, items, labels.repeat(len(levels), 1, 1), uncertainty,
+                                         init_images=init, **generation)
         source_index, source_distance = nearest_image(images[-1], source_images)
         target_index, target_distance = nearest_image(images[-1], target_images)
         label_tile = PIL.Image.fromarray(colorize(np.asarray(aligned[0]), num_classes))
@@ -393,7 +403,7 @@ def draw_grid(inputs: dict, rows: int, seed: int, tile: int, device: str | None)
     import torch
 
     from diffusers_uncertainty.data_reader import labeled_folder_records, load_image, load_label, unlabeled_folder_records
-    from diffusers_uncertainty.synthesis import sample_seed
+    from diffusers_uncertainty.synthesis import dataset_generation_arguments, sample_seed
     from diffusers_uncertainty.synthetic_evaluation import load_generation_pipeline
 
     root = inputs["root"]
@@ -409,8 +419,10 @@ def draw_grid(inputs: dict, rows: int, seed: int, tile: int, device: str | None)
         records = unlabeled_folder_records(root / split, argument=split)
         reals[split] = (records, [load_image(record["image"], record["name"]) for record in records])
     row_seeds = [sample_seed(seed, index, 0) for index in range(len(chosen))]
+    init_images = [load_image(record["image"], record["name"]) for record in chosen]
     grid, info = headline_grid(pipeline, label_maps, reals["source/train"][1], reals["target/train"][1],
-                               inputs["settings"], inputs["num_classes"], inputs["ignore_index"], row_seeds, tile=tile)
+                               inputs["settings"], inputs["num_classes"], inputs["ignore_index"], row_seeds, tile=tile,
+                               init_images=init_images)
     for record, row in zip(chosen, info):
         row["label_map"] = str(record["label"])
         for key, split in (("nearest_source", "source/train"), ("nearest_target", "target/train")):
@@ -420,8 +432,7 @@ def draw_grid(inputs: dict, rows: int, seed: int, tile: int, device: str | None)
         "seed": seed, "base": str(inputs["base"]), "control": str(inputs["control"]),
         "columns": ["label map", *[f"u = {u:g}" for u in LEVELS], "nearest source/train", "nearest target/train"],
         "levels": list(LEVELS), "size": [settings["height"], settings["width"]],
-        "generation": {key: settings[key] for key in ("prompt", "num_inference_steps", "guidance_scale",
-                                                      "semantic_conditioning_scale", "uncertainty_conditioning_scale")},
+        "generation": dataset_generation_arguments(settings),
         "nearest_metric": NEAREST_METRIC, "rows": info,
     }
     return grid, record

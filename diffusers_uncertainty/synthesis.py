@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .conditioning import prepare_uncertainty_map
+from .data_reader import labeled_folder_records, load_image
 from .training.data import list_images, load_label, load_uncertainty
 
 
@@ -324,6 +325,30 @@ class FolderLabelSource(_LabelSource):
 
     def _load(self, index: int) -> np.ndarray:
         return load_label(str(self.folder / self.files[index]), name=str(self.folder / self.files[index]))
+
+    def image_paths(self) -> list[Path]:
+        r"""
+        The image of every label map (in label-id order): the file with the same relative stem in the `images/`
+        folder beside the `labels/` folder, the layout of the training folders.
+
+        Raises:
+            `ValueError` (naming the source's argument): if the label maps are not in a `labels/` folder with an
+            `images/` folder beside it, or a label map has no image.
+        """
+        if self.folder.name != "labels" or not (self.folder.parent / "images").is_dir():
+            raise ValueError(
+                f"`{self.argument}`: the source images of the label maps are read from `images/` beside `labels/`, "
+                f"but {self.folder} is not a `labels/` folder with an `images/` folder beside it."
+            )
+        records = labeled_folder_records(self.folder.parent, self.argument)
+        image_of = {Path(record["label"]): Path(record["image"]) for record in records}
+        missing = [str(self.folder / name) for name in self.files[: len(self)] if self.folder / name not in image_of]
+        if missing:
+            raise ValueError(
+                f"`{self.argument}`: {len(missing)} label map(s) have no image with the same name in "
+                f"{self.folder.parent / 'images'}, e.g. {missing[:3]}."
+            )
+        return [image_of[self.folder / name] for name in self.files[: len(self)]]
 
 
 class DatasetLabelSource(_LabelSource):
@@ -756,6 +781,8 @@ def generate_batch(
     style_guidance_scale: float = 1.0,
     control_guidance_start: float | tuple[float, float] = 0.0,
     control_guidance_end: float | tuple[float, float] = 1.0,
+    init_images: list[PIL.Image.Image] | None = None,
+    strength: float = 1.0,
 ):
     r"""
     Generate one batch of samples with a single pipeline call: one generator per image, seeded with the image's own
@@ -784,6 +811,9 @@ def generate_batch(
         defaults to 1.0):
             The fraction of the steps in which each control acts (a pair: semantic, uncertainty), passed to the
             pipeline.
+        init_images (`list[PIL.Image.Image]`, *optional*), strength (`float`, defaults to 1.0):
+            One starting image per sample and the fraction of the schedule run from it (image-to-image generation,
+            the pipeline's `init_image` and `strength`); `None`: from noise.
 
     Returns:
         `tuple(list[PIL.Image.Image], np.ndarray)`: the images and the `(B, H, W)` label maps the pipeline returns
@@ -796,6 +826,8 @@ def generate_batch(
         )
     if style_images is not None and len(style_images) != len(items):
         raise ValueError(f"`style_images` must hold one set per item ({len(items)}), but got {len(style_images)}.")
+    if init_images is not None and len(init_images) != len(items):
+        raise ValueError(f"`init_images` must hold one image per item ({len(items)}), but got {len(init_images)}.")
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
     style = {}
     if style_images is not None:
@@ -814,10 +846,50 @@ def generate_batch(
         uncertainty_conditioning_scale=uncertainty_conditioning_scale,
         control_guidance_start=control_guidance_start,
         control_guidance_end=control_guidance_end,
+        init_image=init_images,
+        strength=strength,
         output_type="pil",
         **style,
     )
     return output.images, output.semantic_maps
+
+
+def dataset_generation_arguments(settings: dict) -> dict:
+    r"""
+    The [`generate_batch`] keyword arguments a dataset was generated with, from the `settings` of its
+    `generation_config.json` (prompt, steps, guidance, branch scales, control windows, source-image strength), so
+    that its samples can be generated again alike (at other uncertainty levels, for the evaluation and the figures).
+    Settings written before the windows and the strength existed get their defaults.
+
+    Args:
+        settings (`dict`):
+            The `settings` of a dataset's `generation_config.json`.
+    """
+    arguments = {
+        key: settings[key]
+        for key in ("prompt", "num_inference_steps", "guidance_scale", "semantic_conditioning_scale",
+                    "uncertainty_conditioning_scale")
+    }
+    for name in ("control_guidance_start", "control_guidance_end"):
+        values = settings.get(name) or [0.0 if name.endswith("start") else 1.0]
+        arguments[name] = (values[0], values[-1])  # one value: both branches; two: (semantic, uncertainty)
+    arguments["strength"] = settings.get("source_image_strength", 1.0)
+    return arguments
+
+
+def dataset_source_images(settings: dict) -> list[Path] | None:
+    r"""
+    The starting image of every label id of a dataset generated from source images (`source_image_strength` below
+    1; see [`FolderLabelSource.image_paths`]), or `None` for a dataset generated from noise.
+
+    Args:
+        settings (`dict`):
+            The `settings` of a dataset's `generation_config.json`.
+    """
+    if settings.get("source_image_strength", 1.0) >= 1.0:
+        return None
+    source = FolderLabelSource(settings["label_dir"], argument="label_dir (of the dataset's generation settings)")
+    return source.select(settings.get("max_labels")).image_paths()
 
 
 class SampleMaps:

@@ -391,8 +391,9 @@ def generate_level_sets(
 ) -> dict[float, list[dict]]:
     r"""
     Generate the dataset's first `samples_per_level` samples again (one per label map first: rows ordered by sample
-    index, then label map), with the same label map, seed and generation settings, at each constant uncertainty
-    level: only the uncertainty differs from the dataset's own images.
+    index, then label map), with the same label map, seed and generation settings (control windows and starting
+    source image included: [`dataset_generation_arguments`]), at each constant uncertainty level: only the
+    uncertainty differs from the dataset's own images.
 
     Args:
         pipeline ([`StableDiffusionDualControlPipeline`]):
@@ -411,7 +412,15 @@ def generate_level_sets(
     Returns:
         `dict[float, list[dict]]`: per level, samples `{"image", "label", "name"}`.
     """
-    from .synthesis import ConstantUncertainty, WorkItem, generate_batch, quantize_uncertainty
+    from .data_reader import load_image
+    from .synthesis import (
+        ConstantUncertainty,
+        WorkItem,
+        dataset_generation_arguments,
+        dataset_source_images,
+        generate_batch,
+        quantize_uncertainty,
+    )
 
     order = sorted(
         range(len(dataset)), key=lambda i: (dataset[i]["sample_index"], dataset[i]["source_label_id"])
@@ -419,11 +428,8 @@ def generate_level_sets(
     rows = [dataset[i] for i in order]
     items = [WorkItem(row["source_label_id"], row["sample_index"], row["seed"]) for row in rows]
     labels = [torch.from_numpy(np.asarray(row["label"]).astype(np.int64)) for row in rows]
-    generation = {
-        key: settings[key]
-        for key in ("prompt", "num_inference_steps", "guidance_scale", "semantic_conditioning_scale",
-                    "uncertainty_conditioning_scale")
-    }
+    generation = dataset_generation_arguments(settings)
+    source_images = dataset_source_images(settings)
     sets = {}
     for level in levels:
         source = ConstantUncertainty(level, argument="uncertainty_levels")
@@ -433,7 +439,12 @@ def generate_level_sets(
             height, width = batch_labels.shape[-2:]
             maps = torch.stack([source.get(item.seed, height, width)[0] for item in batch_items])
             uncertainty, _ = quantize_uncertainty(maps)
-            images, aligned = generate_batch(pipeline, batch_items, batch_labels, uncertainty, **generation)
+            init_images = None
+            if source_images is not None:
+                init_images = [load_image(str(source_images[item.label_id])) for item in batch_items]
+            images, aligned = generate_batch(
+                pipeline, batch_items, batch_labels, uncertainty, init_images=init_images, **generation
+            )
             for item, image, label in zip(batch_items, images, aligned):
                 name = f"u{level}_label{item.label_id}_sample{item.sample_index}"
                 samples.append({"image": image, "label": np.asarray(label, dtype=np.int64), "name": name})

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import diffusers
 from diffusers.utils.import_utils import is_xformers_available
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, StyleEncoderModel, UncertaintyControlNetModel
+from diffusers_uncertainty.data_reader import load_image
 from diffusers_uncertainty.synthesis import (
     BackgroundShardWriter,
     ConstantUncertainty,
@@ -105,6 +106,7 @@ CONTENT_ARGUMENTS = (
     "uncertainty_conditioning_scale",
     "control_guidance_start",
     "control_guidance_end",
+    "source_image_strength",
     "prompt",
     "seed",
     "batch_size",
@@ -126,6 +128,8 @@ def redact_token(argv: list[str]) -> list[str]:
 
 
 WINDOW_DEFAULTS = {"control_guidance_start": [0.0], "control_guidance_end": [1.0]}
+# Settings added after the first runs, with the value those runs used (so that they can be resumed).
+LATER_DEFAULTS = {**WINDOW_DEFAULTS, "source_image_strength": 1.0}
 
 
 def control_window(values: list[float]) -> tuple[float, float]:
@@ -222,6 +226,14 @@ def parse_args(input_args=None):
     parser.add_argument("--control_guidance_end", type=float, nargs="+", default=WINDOW_DEFAULTS["control_guidance_end"],
                         help="Fraction of the steps after which the controls stop acting: one value, or two (semantic, "
                              "uncertainty).")
+    parser.add_argument(
+        "--source_image_strength",
+        type=float,
+        default=1.0,
+        help="Below 1: start each sample from the image of its label map (`images/` beside the `labels/` of "
+        "--label_dir), noised so that this fraction of the steps runs (image-to-image, SDEdit), which keeps the "
+        "image's layout while the controls move its look. 1.0: from noise.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the run; every sample derives its own from it.")
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call (and per shard).")
     parser.add_argument(
@@ -313,6 +325,19 @@ def parse_args(input_args=None):
             raise ValueError(f"`--resolution` takes SIZE or HEIGHT WIDTH, but got {len(args.resolution)} values.")
         if any(value <= 0 or value % 8 != 0 for value in args.resolution):
             raise ValueError(f"`--resolution` values must be positive multiples of 8, but got {args.resolution}.")
+    if not 0.0 < args.source_image_strength <= 1.0:
+        raise ValueError(f"`--source_image_strength` must lie in (0, 1], but got {args.source_image_strength}.")
+    if args.source_image_strength < 1.0:
+        if args.label_dir is None:
+            raise ValueError(
+                "`--source_image_strength` below 1 starts from the label maps' own images, which are read from "
+                "`--label_dir` (`images/` beside `labels/`); it does not apply to `--dataset_name`."
+            )
+        if int(args.num_inference_steps * args.source_image_strength) < 1:
+            raise ValueError(
+                f"`--source_image_strength` {args.source_image_strength} of {args.num_inference_steps} "
+                "`--num_inference_steps` leaves no step to run; raise one of them."
+            )
     for name in ("samples_per_label", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be at least 1, but got {getattr(args, name)}.")
@@ -349,8 +374,8 @@ def check_resume(args, settings: dict, config_path: str) -> None:
     if args.resume and os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as handle:
             previous = json.load(handle)["settings"]
-        # Runs written before the control-window flags existed used the full window for both controls.
-        previous = {**WINDOW_DEFAULTS, **previous}
+        # Runs written before the control-window and source-image flags existed used their defaults.
+        previous = {**LATER_DEFAULTS, **previous}
         changed = {
             key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value
         }
@@ -458,6 +483,7 @@ def main(args):
         )
     label_source.select(args.max_labels)
     label_source.validate(num_classes, ignore_index, show_progress=show_progress)
+    source_images = label_source.image_paths() if args.source_image_strength < 1.0 else None
     if args.uncertainty_bank is not None:
         uncertainty_source = UncertaintyBank(args.uncertainty_bank, args.uncertainty_scale, show_progress=show_progress)
     elif args.uncertainty_level is not None:
@@ -527,6 +553,7 @@ def main(args):
         "uncertainty_conditioning_scale": 0.0 if uncertainty_off else args.uncertainty_conditioning_scale,
         "control_guidance_start": control_window(args.control_guidance_start),
         "control_guidance_end": control_window(args.control_guidance_end),
+        "strength": args.source_image_strength,
     }
     # PNG encoding and the parquet write of a shard run on a worker thread while the next shard generates.
     with BackgroundShardWriter() as writer:
@@ -536,8 +563,17 @@ def main(args):
             style_images = style_names = None
             if style_bank is not None:
                 style_images, style_names = zip(*(style_bank.get(item.seed) for item in items))
+            init_images = None
+            if source_images is not None:
+                init_images = [load_image(str(source_images[item.label_id])) for item in items]
             images, aligned_labels = generate_batch(
-                pipeline, items, labels, uncertainty, **generation, **style_arguments(style_images, args)
+                pipeline,
+                items,
+                labels,
+                uncertainty,
+                init_images=init_images,
+                **generation,
+                **style_arguments(style_images, args),
             )
             writer.submit(
                 os.path.join(shard_dir, shard_filename(shard_index, len(shards))),

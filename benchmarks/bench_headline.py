@@ -11,6 +11,7 @@ section at the chosen scale):
 | photometric | + photometric augmentation |
 | fda | + Fourier domain adaptation to the unlabeled target images |
 | semantic_only | + synthetic data from a semantic-only control (trained with `--train_branch semantic`, generated with the uncertainty branch off): what the uncertainty control adds |
+| source_images_photometric | + photometric augmentation + synthetic data from the same dual control, each sample started from its label map's own source image noised to `--source_image_strength` (image-to-image, SDEdit): the layout kept by construction, the look moved by the controls |
 | synthetic | + synthetic data from the dual control (uncertainty bank of real target maps) |
 | synthetic_photometric | the row above + photometric augmentation |
 | synthetic_photometric_flexseg | the row above + FLEX-Seg losses |
@@ -20,7 +21,8 @@ section at the chosen scale):
 | iccld, iccld_adversarial | the latent-diffusion segmenter on the same base, without / with adversarial alignment (`--iccld`) |
 
 Seeds vary the segmenter training and the generation. One base model, one dual control and one semantic-only control
-serve every seed (the first seed trains them; later seeds link its finished folders, so the workflow skips them). All
+serve every seed (the semantic-only and source-image rows are workflow runs of their own per seed, in
+`semantic_only_seed_<k>/` and `source_images_seed_<k>/`, linking the base, control and maps they share) (the first seed trains them; later seeds link its finished folders, so the workflow skips them). All
 of it is resumable: every stage that finished is skipped on a re-run, so the experiment can continue across sessions
 from its work folder.
 
@@ -91,11 +93,13 @@ ICCLD_ROWS = {
     "iccld": {"model": "latent_diffusion", "adversarial_weight": 0},
     "iccld_adversarial": {"model": "latent_diffusion", "adversarial_weight": 0.2},
 }
+SOURCE_IMAGES = "source_images_photometric"  # the row generated from the source images (a workflow run of its own)
 UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered",
-                     "synthetic_photometric_filtered_ratio25")
+                     "synthetic_photometric_filtered_ratio25", SOURCE_IMAGES)
 SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
 REFINE_SEGMENTER = "synthetic_photometric_flexseg"  # its segmenter re-estimates the maps in refinement rounds
 SEMANTIC_ONLY = "semantic_only"  # the row of the semantic-only control (a workflow run of its own per seed)
+SIDE_ROWS = (SEMANTIC_ONLY, SOURCE_IMAGES)
 # Stages whose result every seed shares: trained once, by the first seed.
 SHARED_STAGES = ("base", "control", "uncertainty/source_train", "uncertainty/target_train")  # (+ generated data)
 
@@ -120,8 +124,14 @@ def parse_args(input_args=None):
                         help="Run only these rows (default: all that the other flags select), e.g. `source_only "
                              "photometric fda`: rows without synthetic data or a latent-diffusion segmenter train no "
                              "base model, control or generated data.")
+    parser.add_argument("--source_image_strength", type=float, default=0.5,
+                        help=f"The {SOURCE_IMAGES} row's `generate_synthetic_dataset.py --source_image_strength`: the "
+                             "fraction of the denoising steps run from each noised source image.")
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what has finished.")
     args = parser.parse_args(input_args)
+    if not 0.0 < args.source_image_strength < 1.0:
+        parser.error(f"--source_image_strength must lie in (0, 1) (1 is the synthetic_photometric row), got "
+                     f"{args.source_image_strength}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     if args.refine_rounds < 1:
@@ -131,7 +141,7 @@ def parse_args(input_args=None):
     if len({sweep_variant(m) for m in args.synthetic_counts}) != len(args.synthetic_counts):
         parser.error(f"--synthetic_counts must be distinct, got {args.synthetic_counts}")
     if args.rows is not None:
-        available = [*all_rows(args), SEMANTIC_ONLY]
+        available = [*all_rows(args), *SIDE_ROWS]
         unknown = [name for name in args.rows if name not in available]
         if unknown:
             parser.error(f"--rows must name rows of this run ({', '.join(available)}), got {', '.join(unknown)}")
@@ -167,10 +177,28 @@ def runs_semantic_only(args) -> bool:
     return args.rows is None or SEMANTIC_ONLY in args.rows
 
 
+def runs_source_images(args) -> bool:
+    return args.rows is None or SOURCE_IMAGES in args.rows
+
+
 def needs_diffusion(args) -> bool:
     """Whether a row of this run reads the base model (synthetic data, a latent-diffusion segmenter)."""
-    return runs_semantic_only(args) or any(flags.get("synthetic") or flags.get("model") == "latent_diffusion"
-                                           for flags in rows(args).values())
+    return runs_semantic_only(args) or runs_source_images(args) or any(
+        flags.get("synthetic") or flags.get("model") == "latent_diffusion" for flags in rows(args).values()
+    )
+
+
+def main_run_stages(args) -> list[str] | None:
+    """The stages of each seed's own workflow run (`None`: all): without a row that reads its generated data, no
+    generation (nor its evaluation and report), and no control unless the source-image row reuses it."""
+    if not needs_diffusion(args):
+        return ["data", "segmenter", "evaluate"]
+    if args.synthetic_counts or any(flags.get("synthetic") for flags in rows(args).values()):
+        return None
+    stages = ["data", "base", "segmenter", "uncertainty", "evaluate"]
+    if runs_source_images(args):
+        stages += ["fda_copies", "control"]
+    return stages
 
 
 def sweep_variant(multiple: float) -> str:
@@ -308,8 +336,7 @@ def run(args) -> None:
     overrides = {"refine_rounds": args.refine_rounds,
                  "refine": {"segmenter": REFINE_SEGMENTER, "match_uncertainty": args.match_uncertainty}}
     check_rounds(work, args.seeds, args.match_uncertainty)
-    # Without a row that reads the base model, only the segmenters and their evaluations run (and the toy data).
-    only = None if needs_diffusion(args) else ["data", "segmenter", "evaluate"]
+    only = main_run_stages(args)
     shared = SHARED_STAGES if needs_diffusion(args) else ()
     generate_overrides, sweep = {}, None
     if args.synthetic_counts:
@@ -340,6 +367,25 @@ def run(args) -> None:
             run_workflow(config, only=[f"{kind}:{name}{end}" for name in variants
                                        for kind, end in (("segmenter", ""), ("evaluate", ":"))])
 
+        if runs_source_images(args):
+            # The same dual control and maps, each sample started from its noised source image.
+            # The photometric segmenter, when this run has one, is the evaluation's target-like segmenter there too.
+            source_images = work / f"source_images_seed_{seed}"
+            linked = ["base", "control", "segmenters/source_only", "uncertainty/source_train", "uncertainty/target_train"]
+            variants = {"source_only": {}}
+            if (out / "segmenters" / "photometric" / MARKER).is_file():
+                linked.append("segmenters/photometric")
+                variants["photometric"] = ROWS["photometric"]
+            link_shared(out, source_images, linked)
+            config = workflow_config(
+                args, source_images, seed,
+                {"generate": {"args": {"source_image_strength": args.source_image_strength, **generate_overrides}}},
+                {**variants, SOURCE_IMAGES: dict(SYNTHETIC, photometric_augmentation=True)},
+            )
+            print(f"== seed {seed}, generated from the source images: {source_images}", flush=True)
+            run_workflow(config, only=["base", "segmenter", "uncertainty", "control", "generate",
+                                       f"evaluate:{SOURCE_IMAGES}", "synthetic_evaluation"])
+
         if not runs_semantic_only(args):
             continue
         # The semantic-only control: the same control recipe without the uncertainty branch, used with it off.
@@ -368,6 +414,7 @@ def collect(args) -> dict:
     for seed in args.seeds:
         folders = {name: work / f"seed_{seed}" / "evaluation" / name for name in rows(args)}
         folders[SEMANTIC_ONLY] = work / f"semantic_only_seed_{seed}" / "evaluation" / SEMANTIC_ONLY
+        folders[SOURCE_IMAGES] = work / f"source_images_seed_{seed}" / "evaluation" / SOURCE_IMAGES
         for round_index in range(2, args.refine_rounds + 1):
             for name in UNCERTAINTY_AWARE:
                 folders[f"{name} (round {round_index})"] = (work / f"seed_{seed}" / "rounds" / f"round_{round_index}" /

@@ -317,3 +317,51 @@ def test_later_seeds_link_the_first_seeds_fda_copies_with_its_control(tmp_path):
     other = tmp_path / "seed_2"
     bench_headline.link_shared(first, other)
     assert not (other / "fda_copies").exists() and not (other / "uncertainty" / "fda_copies").exists()
+
+
+def test_the_source_image_row_is_a_run_of_its_own_on_the_first_runs_control_and_maps(tmp_path, monkeypatch, capsys):
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "--rows", "source_only",
+                                      "photometric", "source_images_photometric", "--refine_rounds", "1",
+                                      "--source_image_strength", "0.4"])
+    assert bench_headline.needs_diffusion(args)
+    # No row of the seed's own run reads its generated data: it trains the base, control and maps, generates nothing.
+    assert bench_headline.main_run_stages(args) == ["data", "base", "segmenter", "uncertainty", "evaluate",
+                                                    "fda_copies", "control"]
+    calls = []
+
+    def fake_run_workflow(config, only=None):
+        calls.append((config, only))
+        out = Path(config["output_dir"])
+        if out.name == "seed_0":  # the seed's own run finishes its stages
+            for stage in ("base", "control", "segmenters/source_only", "segmenters/photometric",
+                          "uncertainty/source_train", "uncertainty/target_train"):
+                (out / stage).mkdir(parents=True, exist_ok=True)
+                (out / stage / MARKER).write_text("{}")
+        return out
+
+    monkeypatch.setattr(bench_headline, "run_workflow", fake_run_workflow)
+    bench_headline.run(args)
+    (main_config, main_only), (side_config, side_only) = calls
+    assert main_only == bench_headline.main_run_stages(args) and list(main_config["variants"]) == ["source_only", "photometric"]
+    side = tmp_path / "source_images_seed_0"
+    assert side_config["output_dir"] == str(side)
+    assert side_config["generate"]["args"]["source_image_strength"] == 0.4
+    assert side_config["variants"] == {"source_only": {}, "photometric": {"photometric_augmentation": True},
+                                       "source_images_photometric": {"synthetic": True, "synthetic_ratio": 0.5,
+                                                                     "photometric_augmentation": True}}
+    assert "generate" in side_only and "evaluate:source_images_photometric" in side_only
+    for stage in ("base", "control", "segmenters/source_only", "segmenters/photometric", "uncertainty/target_train"):
+        assert (side / stage).is_symlink() and (side / stage).resolve() == (tmp_path / "seed_0" / stage).resolve()
+    stages = {stage.name: stage for stage in plan(side_config)}
+    assert stages["generate"].args["source_image_strength"] == 0.4
+    assert stages["generate"].args["controlnet_model_name_or_path"] == side / "control"
+    assert stages["synthetic_evaluation"].args["target_segmenter"] == side / "segmenters" / "photometric"
+
+    # With a row that reads the seed's own generated data, its run is whole again.
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "synthetic", "source_images_photometric",
+                                      "--refine_rounds", "1"])
+    assert bench_headline.main_run_stages(args) is None
+    for bad in ("1", "0"):
+        with pytest.raises(SystemExit):
+            bench_headline.parse_args(["--work_dir", str(tmp_path), "--source_image_strength", bad])
+        assert "--source_image_strength must lie in (0, 1)" in capsys.readouterr().err

@@ -21,9 +21,10 @@ section at the chosen scale):
 | iccld, iccld_adversarial | the latent-diffusion segmenter on the same base, without / with adversarial alignment (`--iccld`) |
 
 Seeds vary the segmenter training and the generation. One base model, one dual control and one semantic-only control
-serve every seed (the semantic-only and source-image rows are workflow runs of their own per seed, in
-`semantic_only_seed_<k>/` and `source_images_seed_<k>/`, linking the base, control and maps they share) (the first seed trains them; later seeds link its finished folders, so the workflow skips them). All
-of it is resumable: every stage that finished is skipped on a re-run, so the experiment can continue across sessions
+serve every seed (the first seed trains them; later seeds link its finished folders, so the workflow skips them). The
+semantic-only and source-image rows are workflow runs of their own per seed (`semantic_only_seed_<k>/`,
+`source_images_seed_<k>/`) that link the base, control and maps they share with the seed's run. All of it is
+resumable: every stage that finished is skipped on a re-run, so the experiment can continue across sessions
 from its work folder.
 
     python benchmarks/bench_headline.py --config examples/configs/camvid_daydusk.yaml --scale gpu \

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .conditioning import prepare_uncertainty_map
-from .data_reader import labeled_folder_records, load_image
+from .data_reader import labeled_folder_records
 from .training.data import list_images, load_label, load_uncertainty
 
 

@@ -87,7 +87,9 @@ def _direct(pipeline, row, **kwargs):
 def test_each_sample_is_the_pipeline_started_from_its_label_maps_image(workspace, tmp_path, one_thread):
     script = load_script()
     output_dir = tmp_path / "from_images"
-    script.main(script.parse_args(arguments(workspace, output_dir, "--source_image_strength", 0.5)))
+    # The uncertainty control acts from the second of the 2 steps run: the level sets must keep that window too.
+    script.main(script.parse_args(arguments(workspace, output_dir, "--source_image_strength", 0.5,
+                                            "--control_guidance_start", 0, 0.5)))
     settings = json.loads((output_dir / "generation_config.json").read_text())["settings"]
     assert settings["source_image_strength"] == 0.5
     pipeline = _pipeline(workspace)
@@ -97,8 +99,10 @@ def test_each_sample_is_the_pipeline_started_from_its_label_maps_image(workspace
     for row in dataset:
         init_image = load_image(str(images[row["source_label_id"]]))
         stored = np.asarray(row["image"]).astype(int)
-        assert np.abs(_direct(pipeline, row, init_image=init_image, strength=0.5) - stored).max() <= 1
-        assert np.abs(_direct(pipeline, row) - stored).max() > 1  # not what generation from noise gives
+        window = {"control_guidance_start": (0.0, 0.5)}
+        assert np.abs(_direct(pipeline, row, init_image=init_image, strength=0.5, **window) - stored).max() <= 1
+        assert np.abs(_direct(pipeline, row, **window) - stored).max() > 1  # not what generation from noise gives
+        assert np.abs(_direct(pipeline, row, init_image=init_image, strength=0.5) - stored).max() > 1  # nor unwindowed
 
     # The level sets of the evaluation are generated alike: at the dataset's own level they are its images.
     levels = generate_level_sets(pipeline, dataset, settings, [0.5], samples_per_level=2, batch_size=2)

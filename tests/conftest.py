@@ -24,3 +24,12 @@ def tiny_pipeline(tiny_components):
     pipeline = StableDiffusionDualControlPipeline(**tiny_components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as in the `accelerate launch`ed runs, so that in-process results compare with theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,8 +1,6 @@
 """`generate_synthetic_dataset.py --source_image_strength`: samples start from their label maps' own images."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,16 +12,11 @@ from diffusers_uncertainty import StableDiffusionDualControlPipeline, build_tiny
 from diffusers_uncertainty.data_reader import load_image
 from diffusers_uncertainty.synthesis import FolderLabelSource, dataset_generation_arguments, dataset_source_images
 from diffusers_uncertainty.synthetic_evaluation import generate_level_sets
-
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate_synthetic_dataset.py"
+from example_scripts import load_example
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("generate_synthetic_dataset", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_example("generate_synthetic_dataset")
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +33,6 @@ def workspace(tmp_path_factory):
         image = rng.integers(0, 256, size=(12, 20, 3)).astype(np.uint8)
         PIL.Image.fromarray(image).save(root / "labeled" / "images" / f"frame_{index}.jpg", quality=95)
     return root
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def arguments(workspace, output_dir, *extra, label_dir="labeled"):

@@ -5,7 +5,6 @@ the script's `main` in-process (faster, same code path), with one torch thread l
 floating-point results are comparable.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +33,7 @@ from diffusers_uncertainty.synthesis import (
     shards_for_process,
     write_shard,
 )
+from example_scripts import load_example
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +43,7 @@ NUM_LABELS, SAMPLES_PER_LABEL, BATCH_SIZE = 3, 3, 2  # 9 samples, 5 shards (the 
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("generate_synthetic_dataset", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_example("generate_synthetic_dataset")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +109,6 @@ def two_processes(workspace):
     output_dir = workspace / "two_processes"
     log = accelerate_launch(base_args(workspace, output_dir), num_processes=2)
     return {"dir": output_dir, "log": log}
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows_by_key(dataset):

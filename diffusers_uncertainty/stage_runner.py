@@ -96,7 +96,8 @@ def emulated_bf16_warning(environment: dict | None) -> str | None:
     return (
         "Warning: `launch.args` asks for `--mixed_precision bf16`, but the stages run on a CPU without bf16 "
         "instructions (no AVX-512/AMX), where bf16 autocast is emulated and much slower than fp32 (measured 20x on "
-        "an AVX2 CPU). Use `--mixed_precision no` in `launch.args` on this machine."
+        "an AVX2 CPU). Use `--mixed_precision no` in `launch.args` on this machine (quoted in YAML: "
+        '`--mixed_precision, "no"`).'
     )
 
 

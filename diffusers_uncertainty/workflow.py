@@ -170,9 +170,39 @@ def load_config(
     in_process = (config.get("launch") or {}).get("in_process", "auto")
     if in_process not in ("auto", True, False):
         raise ValueError(f"`launch.in_process` must be 'auto', true or false, but got {in_process!r}.")
+    launch_arguments(config)
     if not config.get("output_dir"):
         raise ValueError("`output_dir` must be set in the config (or with `--output_dir`).")
     return config
+
+
+def launch_arguments(config: dict) -> list[str]:
+    r"""
+    The config's `launch.args` (default `--num_processes 1`) as `accelerate launch` arguments.
+
+    YAML reads an unquoted `no`, `yes`, `off` or `on` as a boolean, so `[--mixed_precision, no]` would reach
+    `accelerate launch` as `False`; such an item is refused with the quoted spelling instead of being turned back into
+    a word.
+
+    Args:
+        config (`dict`):
+            The workflow config (its `launch:` section may be missing).
+    """
+    args = (config.get("launch") or {}).get("args", ["--num_processes", "1"])
+    if not isinstance(args, list):
+        raise ValueError(f"`launch.args` must be a list of `accelerate launch` arguments, but got {args!r}.")
+    for index, arg in enumerate(args):
+        if isinstance(arg, bool):
+            after = f" (after {args[index - 1]!r})" if index > 0 else ""
+            raise ValueError(
+                f"`launch.args` item {index}{after} is the YAML boolean {arg}: YAML reads an unquoted no/yes/off/on as "
+                f'true/false. Quote it, e.g. `[--num_processes, 1, --mixed_precision, "no"]`.'
+            )
+        if not isinstance(arg, (str, int, float)):
+            raise ValueError(
+                f"`launch.args` item {index} must be a string or a number, but got {type(arg).__name__} {arg!r}."
+            )
+    return [str(arg) for arg in args]
 
 
 # Flags of train_segmentation.py that only the smp segmenters read; dropped for `model: latent_diffusion`.
@@ -679,7 +709,7 @@ def stage_environment(config: dict) -> dict | None:
     mode = launch.get("in_process", "auto")
     if mode is False:
         return None
-    launch_args = [str(arg) for arg in launch.get("args", ["--num_processes", "1"])]
+    launch_args = launch_arguments(config)
     environment = single_process_environment(launch_args, example_script_path("train_segmentation.py"))
     if environment is None and mode is True:
         raise ValueError(
@@ -707,7 +737,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
         `Path`: the report's markdown file.
     """
     stages = plan(config)
-    launch_args = [str(arg) for arg in (config.get("launch") or {}).get("args", ["--num_processes", "1"])]
+    launch_args = launch_arguments(config)
     environment = stage_environment(config)
     warning = emulated_bf16_warning(environment)
     if warning is not None:

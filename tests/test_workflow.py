@@ -305,6 +305,25 @@ def test_in_process_is_refused_for_several_processes(tmp_path):
         load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": "yes"}})
 
 
+def test_an_unquoted_yaml_no_in_launch_args_is_refused_when_the_config_is_read(tmp_path):
+    from diffusers_uncertainty.workflow import launch_arguments
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\ndata: {{num_classes: 2, resolution: 32}}\n"
+                      "launch: {args: [--num_processes, 1, --mixed_precision, no]}\n")
+    with pytest.raises(ValueError, match=r"`launch.args` item 3 \(after '--mixed_precision'\) is the YAML boolean False: "
+                                         r"YAML reads an unquoted no/yes/off/on as true/false. Quote it"):
+        load_config(config)
+    assert not (tmp_path / "out").exists()
+    config.write_text(config.read_text().replace(", no]", ', "no"]'))
+    assert launch_arguments(load_config(config)) == ["--num_processes", "1", "--mixed_precision", "no"]
+    assert launch_arguments({}) == ["--num_processes", "1"]
+    with pytest.raises(ValueError, match=r"`launch.args` must be a list of `accelerate launch` arguments, but got '--cpu'"):
+        launch_arguments({"launch": {"args": "--cpu"}})
+    with pytest.raises(ValueError, match=r"`launch.args` item 0 must be a string or a number, but got dict"):
+        launch_arguments({"launch": {"args": [{"num_processes": 1}]}})
+
+
 def test_named_scales(tmp_path):
     from pathlib import Path
 

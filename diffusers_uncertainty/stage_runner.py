@@ -145,9 +145,12 @@ def load_script(path: str | os.PathLike):
     spec = importlib.util.spec_from_file_location(f"diffusers_uncertainty_stage_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for name in ("parse_args", "main"):
+    for name in ("build_parser", "parse_args", "main"):
         if not callable(getattr(module, name, None)):
-            raise ValueError(f"The example script {str(path)!r} has no `{name}` function; stages need `parse_args` and `main`.")
+            raise ValueError(
+                f"The example script {str(path)!r} has no `{name}` function; stages need `build_parser`, `parse_args` "
+                "and `main`."
+            )
     return module
 
 

@@ -11,6 +11,7 @@ the evaluations' `metrics.json` files and a PNG grid of label maps, uncertainty 
 """
 
 import copy
+import difflib
 import os
 import shutil
 import sys
@@ -23,7 +24,13 @@ from typing import Callable
 import yaml
 
 from .atomic import write_json_atomic, write_text_atomic
-from .stage_runner import emulated_bf16_warning, run_in_process, run_subprocess, single_process_environment
+from .stage_runner import (
+    emulated_bf16_warning,
+    load_script,
+    run_in_process,
+    run_subprocess,
+    single_process_environment,
+)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -348,6 +355,49 @@ class Stage:
 
     def is_complete(self) -> bool:
         return (self.output / MARKER).is_file()
+
+
+def check_stage_flags(stages: list[Stage]) -> None:
+    r"""
+    Check every script stage's flags against its script's parser (`build_parser()`) before any stage runs, so that a
+    misspelled flag, a value of the wrong type or choice, or a YAML boolean given for a flag that takes a value (an
+    unquoted `no`) fails at once rather than after the stages before it have run. The checks `parse_args` makes
+    across flags and on files (which earlier stages may still have to write) stay with the stage.
+
+    Args:
+        stages (`list[Stage]`):
+            From [`plan`].
+
+    Raises:
+        `ValueError`: naming the stage, its script and the flag.
+    """
+    parsers = {}
+    for stage in stages:
+        if stage.script is None:
+            continue
+        if stage.script not in parsers:
+            parsers[stage.script] = load_script(stage.script_path).build_parser()
+        parser = parsers[stage.script]
+        where = f"Stage {stage.name!r} ({stage.script})"
+        actions = {option[2:]: action for action in parser._actions for option in action.option_strings
+                   if option.startswith("--")}
+        for key, value in stage.args.items():
+            action = actions.get(key)
+            if action is None:
+                close = difflib.get_close_matches(key, list(actions), n=3)
+                hint = f"; did you mean {' or '.join(f'`{name}`' for name in close)}?" if close else "."
+                raise ValueError(f"{where}: the config sets `{key}`, but {stage.script} has no `--{key}` flag{hint}")
+            if isinstance(value, bool) and action.nargs != 0:
+                raise ValueError(
+                    f"{where}: `{key}` is the YAML boolean {value}, but `--{key}` takes a value (YAML reads an unquoted "
+                    f'no/yes/off/on as true/false); quote it, e.g. `{key}: "no"`.'
+                )
+
+        def refuse(message, where=where):
+            raise ValueError(f"{where}: {message} (its flags: {' '.join(to_flags(stage.args))})")
+
+        parser.error = refuse  # argparse would print the usage and exit the workflow's process
+        parser.parse_args(to_flags(stage.args))
 
 
 def fda_copies_settings(config: dict) -> dict | None:
@@ -737,6 +787,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
         `Path`: the report's markdown file.
     """
     stages = plan(config)
+    check_stage_flags(stages)
     launch_args = launch_arguments(config)
     environment = stage_environment(config)
     warning = emulated_bf16_warning(environment)

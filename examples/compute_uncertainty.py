@@ -48,12 +48,9 @@ from diffusers_uncertainty.segmentation.io_utils import (
 )
 
 
-def parse_args(input_args=None):
-    """Parses and checks the command line.
-
-    Args:
-        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
-    """
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Write uncertainty maps and per-image scores of a segmenter.")
     parser.add_argument("--model", type=str, nargs="+", required=True,
                         help="Saved segmenter(s) (SegmentationModel or LatentDiffusionSegmenter folder or Hub id); several for --estimator ensemble.")
@@ -72,6 +69,16 @@ def parse_args(input_args=None):
     parser.add_argument("--match_reference_dir", type=str, default=None,
                         help="Give the maps the value distribution of the 16-bit PNG maps in this folder (e.g. an "
                              "earlier compute_uncertainty.py output of the same images), keeping their order.")
+    return parser
+
+
+def parse_args(input_args=None):
+    """Parses and checks the command line.
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
+    parser = build_parser()
     args = parser.parse_args(input_args)
     if args.match_reference_dir is not None and not os.path.isdir(args.match_reference_dir):
         raise ValueError(f"`--match_reference_dir` must be a folder of uncertainty maps, but "

@@ -37,12 +37,9 @@ from diffusers_uncertainty.segmentation.io_utils import (
 )
 
 
-def parse_args(input_args=None):
-    """Parses the command line.
-
-    Args:
-        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
-    """
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Evaluate a segmenter on a labeled folder or dataset.")
     parser.add_argument("--model", type=str, required=True, help="Saved segmenter (SegmentationModel or LatentDiffusionSegmenter folder or Hub id).")
     parser.add_argument("--data_dir", type=str, required=True, help="`images/` + `labels/` folder, saved dataset or Hub id.")
@@ -58,7 +55,16 @@ def parse_args(input_args=None):
     parser.add_argument("--save_visualizations", type=int, default=0,
                         help="Write this many PNG panels (image | truth | prediction | uncertainty).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    return parser.parse_args(input_args)
+    return parser
+
+
+def parse_args(input_args=None):
+    """Parses the command line.
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
+    return build_parser().parse_args(input_args)
 
 
 def default_palette(num_classes: int) -> np.ndarray:

@@ -30,12 +30,9 @@ from diffusers_uncertainty.synthetic_evaluation import (
 )
 
 
-def parse_args(input_args=None):
-    """Parses and checks the command line (every check that needs no model or image).
-
-    Args:
-        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
-    """
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Label fidelity, target likeness and uncertainty of a generated dataset.")
     parser.add_argument("--synthetic_data_dir", type=str, required=True,
                         help="The generated dataset (a `save_to_disk` folder, e.g. from generate_synthetic_dataset.py).")
@@ -62,6 +59,16 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--output_dir", type=str, required=True)
+    return parser
+
+
+def parse_args(input_args=None):
+    """Parses and checks the command line (every check that needs no model or image).
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
+    parser = build_parser()
     args = parser.parse_args(input_args)
     check_evaluation_arguments(
         args.synthetic_data_dir, args.source_segmenter, args.source_train_dir, args.target_train_dir,

@@ -137,7 +137,9 @@ def control_window(values: list[float]) -> tuple[float, float]:
     return (values[0], values[-1])
 
 
-def parse_args(input_args=None):
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Generate a labeled synthetic dataset with a dual-control ControlNet.")
     # Model.
     parser.add_argument(
@@ -280,7 +282,11 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--evaluate_resolution", type=int, default=None, help="Segmenters' input shorter side (default 256)."
     )
+    return parser
 
+
+def parse_args(input_args=None):
+    parser = build_parser()
     args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
     # The command line, for the dataset card and generation_config.json (also when `main` is called from Python).
     args.command_line = "accelerate launch examples/generate_synthetic_dataset.py " + shlex.join(

@@ -139,7 +139,9 @@ def loss_summary(losses: list[float], window: int = 10) -> dict:
     }
 
 
-def parse_args(input_args=None):
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Train a small Stable Diffusion-architecture base model.")
     # Model
     parser.add_argument(
@@ -306,7 +308,11 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the samples (default_prompt).")
     parser.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps of the samples.")
+    return parser
 
+
+def parse_args(input_args=None):
+    parser = build_parser()
     args = parser.parse_args(input_args)
     check_args(args)
     return args

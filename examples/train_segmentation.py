@@ -105,12 +105,9 @@ FLEXSEG_DEFAULTS = {
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "segmenter_card.md"
 
 
-def parse_args(input_args=None):
-    """Parses and checks the command line.
-
-    Args:
-        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
-    """
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Train a segmentation network (source only / augmented / FLEX-Seg).")
     # Data
     parser.add_argument("--train_data_dir", type=str, nargs="+", required=True,
@@ -244,7 +241,16 @@ def parse_args(input_args=None):
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", type=str, default=None)
     parser.add_argument("--hub_token", type=str, default=None)
+    return parser
 
+
+def parse_args(input_args=None):
+    """Parses and checks the command line.
+
+    Args:
+        input_args (`List[str]`, *optional*): Arguments to parse instead of `sys.argv`.
+    """
+    parser = build_parser()
     args = parser.parse_args(input_args)
 
     for name, default in FLEXSEG_DEFAULTS.items():

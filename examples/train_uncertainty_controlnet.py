@@ -441,7 +441,9 @@ def save_model_card(repo_id: str, args, data_summary: str, validation_log: dict 
 
 
 # ------------------------------------------------------------------------------------------------- args
-def parse_args(input_args=None):
+def build_parser():
+    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
+    them). The workflow checks its stages' flags against this parser before running any stage."""
     parser = argparse.ArgumentParser(description="Train the dual-control (semantic + uncertainty) ControlNet.")
     # Models (names as in diffusers' train_controlnet.py)
     parser.add_argument(
@@ -758,7 +760,11 @@ def parse_args(input_args=None):
     parser.add_argument("--num_validation_images", type=int, default=1, help="Images per (label, level) cell.")
     parser.add_argument("--num_validation_inference_steps", type=int, default=20)
     parser.add_argument("--validation_steps", type=int, default=100, help="Run validation every X steps.")
+    return parser
 
+
+def parse_args(input_args=None):
+    parser = build_parser()
     args = parser.parse_args(input_args)
     check_args(args)
     return args

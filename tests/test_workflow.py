@@ -324,6 +324,33 @@ def test_an_unquoted_yaml_no_in_launch_args_is_refused_when_the_config_is_read(t
         launch_arguments({"launch": {"args": [{"num_processes": 1}]}})
 
 
+def test_stage_flags_are_checked_against_the_scripts_parsers_before_any_stage_runs(tmp_path):
+    from diffusers_uncertainty.workflow import check_stage_flags
+
+    def refused(overrides):
+        config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path / "out"), **overrides})
+        with pytest.raises(ValueError) as error:
+            run_workflow(config, echo=lambda line: None)
+        assert not (tmp_path / "out").exists()  # refused before the first stage wrote anything
+        return str(error.value)
+
+    message = refused({"segmenter": {"args": {"max_train_step": 10}}})
+    assert message == ("Stage 'segmenter' (train_segmentation.py): the config sets `max_train_step`, but "
+                       "train_segmentation.py has no `--max_train_step` flag; did you mean `max_train_steps`?")
+    message = refused({"uncertainty": {"args": {"mixed_precision": False}}})  # what YAML makes of `mixed_precision: no`
+    assert message.startswith("Stage 'uncertainty:source_train' (compute_uncertainty.py): `mixed_precision` is the YAML "
+                              "boolean False, but `--mixed_precision` takes a value")
+    message = refused({"uncertainty": {"args": {"estimator": "entropi"}}})
+    assert "argument --estimator: invalid choice: 'entropi'" in message and "--estimator entropi" in message
+    message = refused({"variants": {"late": {"max_train_steps": "1e4"}}})  # the last stages are checked too
+    assert message.startswith("Stage 'segmenter:late' (train_segmentation.py): argument --max_train_steps: invalid int")
+    for name, scales in (("toy_oct", [None, "smoke"]), ("camvid_daydusk", [None, "smoke", "gpu"]),
+                         ("monuseg_ffpe_frozen", [None, "smoke"])):  # what ships passes, at every scale
+        for scale in scales:
+            config = load_config(name, scale=scale, overrides={"output_dir": str(tmp_path / "out"), "data": {"root": None}})
+            check_stage_flags(plan(config))
+
+
 def test_named_scales(tmp_path):
     from pathlib import Path
 

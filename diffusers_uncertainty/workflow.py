@@ -24,6 +24,7 @@ from typing import Callable
 import yaml
 
 from .atomic import write_json_atomic, write_text_atomic
+from .data_reader import labeled_folder_records, unlabeled_folder_records, validate_records
 from .stage_runner import (
     emulated_bf16_warning,
     load_script,
@@ -398,6 +399,44 @@ def check_stage_flags(stages: list[Stage]) -> None:
 
         parser.error = refuse  # argparse would print the usage and exit the workflow's process
         parser.parse_args(to_flags(stage.args))
+
+
+def check_data_root(config: dict) -> int:
+    r"""
+    Decode every image and label map of the config's data root once, before the first stage: a label value outside
+    `data.num_classes` (other than `data.ignore_index`), an image without its label map, a label map of another size
+    or an unreadable file stops the workflow before the base model trains, not at the first segmenter stage after it.
+    The embedded example, whose data its first stage writes, is not checked.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+
+    Returns:
+        `int`: the number of images checked.
+
+    Raises:
+        `ValueError`: naming the split and the offending file.
+    """
+    data = config["data"]
+    if not data.get("root"):
+        return 0
+    root = Path(data["root"])
+    checked = 0
+    for split in DATA_ROOT_FOLDERS:
+        labeled = split != "target/train"  # the unlabeled target set
+        argument = f"data root {split}"
+        try:
+            records = (labeled_folder_records if labeled else unlabeled_folder_records)(root / split, argument)
+            validate_records(records, data["num_classes"], data.get("ignore_index"), need_labels=labeled,
+                             need_uncertainty=False, description=split, show_progress=False)
+        except ValueError as error:
+            raise ValueError(
+                f"The data root {str(root)!r} failed its check in {split} (`data.num_classes` {data['num_classes']}, "
+                f"`data.ignore_index` {data.get('ignore_index')}): {error}"
+            ) from error
+        checked += len(records)
+    return checked
 
 
 def fda_copies_settings(config: dict) -> dict | None:
@@ -793,10 +832,16 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
     warning = emulated_bf16_warning(environment)
     if warning is not None:
         echo(warning)
+    selected = [stage for stage in stages if not only or any(stage.name.startswith(prefix) for prefix in only)]
+    if any(force or not stage.is_complete() for stage in selected):
+        start = time.perf_counter()
+        checked = check_data_root(config)
+        if checked:
+            echo(f"Checked the data root ({checked} images) in {time.perf_counter() - start:.1f} s.")
     total_start = time.perf_counter()
     for index, stage in enumerate(stages, start=1):
         label = f"[{index:2d}/{len(stages)}] {stage.name:<34}"
-        if only and not any(stage.name.startswith(prefix) for prefix in only):
+        if stage not in selected:
             continue
         if stage.is_complete() and not force:
             echo(f"{label} skipped (complete: {stage.output})")

@@ -351,6 +351,39 @@ def test_stage_flags_are_checked_against_the_scripts_parsers_before_any_stage_ru
             check_stage_flags(plan(config))
 
 
+def test_the_data_root_is_checked_before_the_first_stage(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_uncertainty.toy_oct import make_oct_dataset
+    from diffusers_uncertainty.workflow import check_data_root
+
+    root = tmp_path / "data"
+    make_oct_dataset(root, num_source_train=3, num_source_val=2, num_target_train=3, num_target_val=2, size=(32, 32))
+    overrides = {"output_dir": str(tmp_path / "out"), "data": {"root": str(root)}}
+    assert check_data_root(load_config(None, smoke=True, overrides=overrides)) == 10
+    num_classes = load_config(None, smoke=True, overrides=overrides)["data"]["num_classes"]
+    assert check_data_root(load_config(None, smoke=True, overrides={"output_dir": "x"})) == 0  # the embedded data
+
+    bad = sorted((root / "target" / "val" / "labels").iterdir())[1]
+    label = np.array(Image.open(bad))
+    label[0, 0] = num_classes  # one pixel of a class the config does not have
+    Image.fromarray(label).save(bad)
+    lines = []
+    with pytest.raises(ValueError) as error:
+        run_workflow(load_config(None, smoke=True, overrides=overrides), echo=lines.append)
+    assert str(error.value).startswith(f"The data root {str(root)!r} failed its check in target/val (`data.num_classes` "
+                                       f"{num_classes}, `data.ignore_index` None): Label map of {bad} has values "
+                                       f"[{num_classes}] outside the allowed [0, {num_classes})")
+    assert not (tmp_path / "out").exists() and not any("running" in line for line in lines)
+
+    first = sorted((root / "source" / "val" / "labels").iterdir())[0]
+    first.unlink()
+    with pytest.raises(ValueError, match=r"failed its check in source/val .*`data root source/val`: 1 image\(s\) have no "
+                                         r"label map"):
+        check_data_root(load_config(None, smoke=True, overrides=overrides))
+
+
 def test_named_scales(tmp_path):
     from pathlib import Path
 

@@ -1,9 +1,7 @@
 """Label agreement scores and the synthetic-sample filter of train_segmentation.py."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,9 +16,7 @@ from diffusers_uncertainty.segmentation.label_agreement import (
     label_agreement_scores,
     most_agreeing,
 )
-
-
-REPO = Path(__file__).resolve().parent.parent
+from example_scripts import load_example
 
 
 def test_image_mean_iou_counts_classes_present_in_label_or_prediction():
@@ -106,10 +102,7 @@ def test_label_agreement_scores_tell_images_that_follow_their_labels(tmp_path):
 
 
 def _train_segmentation_script():
-    spec = importlib.util.spec_from_file_location("train_segmentation_filter", REPO / "examples" / "train_segmentation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_segmentation")
 
 
 def test_train_segmentation_keeps_the_synthetic_samples_its_filter_model_agrees_with(tmp_path):

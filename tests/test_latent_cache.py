@@ -2,12 +2,7 @@
 the same noise and crop, the prompt cache equals the text encoder's output, crops of latents and maps stay aligned,
 and batches depend only on the seed and the batch number."""
 
-import importlib.util
-import random
-from pathlib import Path
-
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -32,18 +27,15 @@ from diffusers_uncertainty.training.latent_cache import (
     sample_latents,
 )
 from diffusers_uncertainty.training.performance import HostReadCounter
+from example_scripts import load_example
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_uncertainty_controlnet.py"
 NUM_CLASSES, IGNORE_INDEX = 4, 255
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_uncertainty_controlnet_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_uncertainty_controlnet")
 
 
 @pytest.fixture(scope="module")

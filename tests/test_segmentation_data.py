@@ -11,6 +11,7 @@ from diffusers_uncertainty.segmentation import (
     load_segmentation_data,
     metrics_to_markdown,
 )
+from example_scripts import load_example
 
 
 def write_folder(root, n=3, size=(40, 30), label_fn=None):
@@ -147,14 +148,7 @@ def test_metrics_match_hand_computation_and_exclude_ignore():
 
 
 def _train_segmentation_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_segmentation.py"
-    spec = importlib.util.spec_from_file_location("train_segmentation_for_data_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_segmentation")
 
 
 def test_max_synthetic_samples_takes_the_first_samples_one_per_label_map_first(tmp_path):

@@ -2,10 +2,8 @@
 placement choice, and Fourier domain adaptation. CPU only, tiny data written to tmp_path."""
 
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,16 +34,11 @@ from diffusers_uncertainty.segmentation.fourier import (
     low_frequency_mask,
 )
 from diffusers_uncertainty.segmentation.io_utils import resize_probs, uncertainty_to_png16
-
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from example_scripts import load_example
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name)
 
 
 def coded_folder(root, sizes, seed=0):

@@ -1,7 +1,6 @@
 """The segmentation example scripts, run through `accelerate launch` at tiny scale on data written to tmp_path."""
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from example_scripts import load_example
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,9 +220,7 @@ def test_compute_uncertainty_matches_the_distribution_of_reference_maps(trained,
 
 
 def test_compute_uncertainty_checks_the_reference_before_any_work(trained, data, tmp_path):
-    spec = importlib.util.spec_from_file_location("compute_uncertainty", EXAMPLES / "compute_uncertainty.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("compute_uncertainty")
     flags = ["--model", str(trained["dir"]), "--data_dir", str(data["target"]), "--resolution", "32",
              "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match=rf"`--match_reference_dir` must be a folder of uncertainty maps, but "
@@ -235,10 +234,7 @@ def test_compute_uncertainty_checks_the_reference_before_any_work(trained, data,
 
 
 def _load_train_script():
-    spec = importlib.util.spec_from_file_location("train_segmentation", EXAMPLES / "train_segmentation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_segmentation")
 
 
 def test_training_stops_on_bad_input_before_training(data, tmp_path):

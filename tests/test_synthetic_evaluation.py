@@ -4,9 +4,7 @@ it, target images score as target, KID is near zero within a domain and larger a
 reproduce the dataset's own images, and bad arguments fail before any work.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -29,18 +27,11 @@ from diffusers_uncertainty.synthetic_evaluation import (
     synthetic_evaluation_table,
     train_domain_classifier,
 )
+from example_scripts import load_example
 
 
-REPO = Path(__file__).resolve().parents[1]
 IGNORE_INDEX = 255
 PROTOTYPES = torch.tensor([[20, 20, 20], [200, 30, 30], [30, 200, 30]], dtype=torch.float32) / 255
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def scene(rng, dusk, height=32, width=40):

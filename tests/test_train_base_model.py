@@ -1,7 +1,6 @@
 """End-to-end tests of examples/train_base_model.py (run as a user runs it: `accelerate launch` in a subprocess, on a
 tiny toy OCT dataset at resolution 32) and unit tests of diffusers_uncertainty.base_model."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from diffusers_uncertainty.base_model import (
     umask,
 )
 from diffusers_uncertainty.toy_oct import OCT_NUM_CLASSES, make_oct_dataset
+from example_scripts import load_example
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,10 +253,7 @@ def test_empty_data_folder_fails_before_training(tmp_path):
 
 # ------------------------------------------------------------------------------------------ in-process checks
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_base_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_base_model")
 
 
 @pytest.mark.parametrize(

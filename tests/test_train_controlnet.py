@@ -2,7 +2,6 @@
 subprocess, on a tiny offline base pipeline and tiny data (synthetic, plus a few real CamVid images when the shared
 data folder is present)."""
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, UncertaintyControlNetModel, build_tiny_pipeline
+from example_scripts import load_example
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,9 +367,7 @@ def test_joint_training_on_camvid_day_to_dusk_logs_a_validation_grid(workspace, 
 
 
 def test_push_to_hub_writes_the_card_and_uploads_the_output_folder(workspace, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_uncertainty_controlnet", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("train_uncertainty_controlnet")
 
     calls = {}
 

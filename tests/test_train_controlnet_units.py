@@ -1,6 +1,5 @@
 """Unit tests of the training pieces: which parameters train, the loss, data loading/checking and paired transforms."""
 
-import importlib.util
 from pathlib import Path
 
 import datasets
@@ -24,17 +23,12 @@ from diffusers_uncertainty.training import (
     validate_records,
     write_model_card,
 )
-
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_uncertainty_controlnet.py"
+from example_scripts import load_example
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_uncertainty_controlnet_units", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_uncertainty_controlnet")
 
 
 def _batch(batch_size=2, size=16, num_classes=4, is_labeled=(True, False), seed=0):

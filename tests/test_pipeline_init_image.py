@@ -92,6 +92,14 @@ def test_without_init_image_the_call_is_unchanged():
             dict(init_image=torch.cat([_image(), _image(1), _image(2)]), semantic_map=torch.cat([_labels(), _labels(1)])),
             r"Batch sizes must be 1 or equal, but got \{'prompt': 1, 'semantic_map': 2, 'uncertainty_map': 1, 'init_image': 3\}",
         ),
+        (
+            dict(init_image=_image(), generator=[torch.Generator()] * 3, num_images_per_prompt=2),
+            r"a list of generators of length 3, but requested an effective batch size of 2 \(1 x `num_images_per_prompt` 2\)",
+        ),
+        (  # from noise too
+            dict(generator=[torch.Generator()] * 2),
+            r"a list of generators of length 2, but requested an effective batch size of 1 \(1 x",
+        ),
     ],
 )
 def test_bad_init_image_input_is_a_clear_error_before_any_model_runs(kwargs, message):

@@ -638,6 +638,13 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         device = self._execution_device
         guess_mode = guess_mode or controlnet.nets[0].config.global_pool_conditions
         total = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            # Checked here, not only where the noise is drawn, so that no model has run yet.
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
+                f"size of {total} ({batch_size} x `num_images_per_prompt` {num_images_per_prompt}); pass one "
+                "generator per image."
+            )
         guide_style = style_sets is not None and style_guidance_scale > 1.0
         # Branches of the guidance batch: [uncond, cond] as in diffusers, one more for separate style guidance.
         num_branches = 1 + int(self.do_classifier_free_guidance) + int(guide_style)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from huggingface_hub import hf_hub_download
 
 from .atomic import write_json_atomic, write_text_atomic
 from .data_reader import labeled_folder_records, unlabeled_folder_records, validate_records
@@ -439,6 +440,37 @@ def check_data_root(config: dict) -> int:
     return checked
 
 
+def check_pretrained_base(config: dict) -> None:
+    r"""
+    Check `base.pretrained_model_name_or_path` before the first stage: a local folder must be a saved pipeline (it
+    holds `model_index.json`); a Hub id must resolve, its `model_index.json` fetched through `huggingface_hub` and its
+    cache (offline with `HF_HUB_OFFLINE=1` once cached). A misspelled id, a gated model without a token or no network
+    then fails at once, not at the control stage after the segmenter has trained. Nothing else is downloaded here: the
+    stages fetch the weights into the same cache.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+    """
+    name = (config.get("base") or {}).get("pretrained_model_name_or_path")
+    if not name:
+        return
+    if Path(name).is_dir():
+        if not (Path(name) / "model_index.json").is_file():
+            raise ValueError(
+                f"`base.pretrained_model_name_or_path` {name!r} is a folder without `model_index.json`; it must be a "
+                "saved diffusers pipeline (e.g. the `base/` folder of an earlier run) or a Hub model id."
+            )
+        return
+    try:
+        hf_hub_download(name, "model_index.json")
+    except (OSError, ValueError) as error:  # huggingface_hub's HTTP, cache-miss and repo-id errors
+        raise ValueError(
+            f"`base.pretrained_model_name_or_path` {name!r} is no local folder, and its `model_index.json` could not "
+            f"be fetched from the Hub or found in the huggingface_hub cache ({type(error).__name__}: {error})"
+        ) from error
+
+
 def fda_copies_settings(config: dict) -> dict | None:
     r"""
     `control.fda_copies` checked: `None` when absent, else `{"beta": float, "seed": int}` (`beta` defaults to 0.03,
@@ -838,6 +870,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
         checked = check_data_root(config)
         if checked:
             echo(f"Checked the data root ({checked} images) in {time.perf_counter() - start:.1f} s.")
+        check_pretrained_base(config)
     total_start = time.perf_counter()
     for index, stage in enumerate(stages, start=1):
         label = f"[{index:2d}/{len(stages)}] {stage.name:<34}"

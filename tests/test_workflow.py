@@ -384,6 +384,37 @@ def test_the_data_root_is_checked_before_the_first_stage(tmp_path):
         check_data_root(load_config(None, smoke=True, overrides=overrides))
 
 
+def test_a_pretrained_base_that_cannot_be_reached_stops_the_run_before_the_first_stage(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from diffusers_uncertainty import workflow
+
+    fetched = []
+
+    def offline(repo_id, filename):
+        fetched.append((repo_id, filename))
+        raise LocalEntryNotFoundError("not in the cache and no connection")
+
+    monkeypatch.setattr(workflow, "hf_hub_download", offline)  # no network in tests: the Hub answers "unreachable"
+    overrides = {"output_dir": str(tmp_path / "out"), "base": {"pretrained_model_name_or_path": "someone/sd-typo"}}
+    with pytest.raises(ValueError, match=r"`base.pretrained_model_name_or_path` 'someone/sd-typo' is no local folder, "
+                                         r"and its `model_index.json` could not be fetched .*LocalEntryNotFoundError"):
+        run_workflow(load_config(None, smoke=True, overrides=overrides), echo=lambda line: None)
+    assert fetched == [("someone/sd-typo", "model_index.json")] and not (tmp_path / "out").exists()
+
+    folder = tmp_path / "not_a_pipeline"
+    folder.mkdir()
+    overrides["base"] = {"pretrained_model_name_or_path": str(folder)}
+    with pytest.raises(ValueError, match=r"is a folder without `model_index.json`; it must be a saved diffusers pipeline"):
+        run_workflow(load_config(None, smoke=True, overrides=overrides), echo=lambda line: None)
+    (folder / "model_index.json").write_text("{}")
+    workflow.check_pretrained_base(load_config(None, smoke=True, overrides=overrides))  # a saved pipeline passes
+    monkeypatch.setattr(workflow, "hf_hub_download", lambda repo_id, filename: str(tmp_path / "cached.json"))
+    overrides["base"] = {"pretrained_model_name_or_path": "someone/sd"}
+    workflow.check_pretrained_base(load_config(None, smoke=True, overrides=overrides))  # a resolvable id passes
+    assert not (tmp_path / "out").exists()
+
+
 def test_named_scales(tmp_path):
     from pathlib import Path
 

@@ -394,12 +394,13 @@ def check_stage_flags(stages: list[Stage]) -> None:
                     f"{where}: `{key}` is the YAML boolean {value}, but `--{key}` takes a value (YAML reads an unquoted "
                     f'no/yes/off/on as true/false); quote it, e.g. `{key}: "no"`.'
                 )
+        flags = to_flags(stage.args)
 
-        def refuse(message, where=where):
-            raise ValueError(f"{where}: {message} (its flags: {' '.join(to_flags(stage.args))})")
+        def refuse(message, where=where, flags=flags):
+            raise ValueError(f"{where}: {message} (its flags: {' '.join(flags)})")
 
         parser.error = refuse  # argparse would print the usage and exit the workflow's process
-        parser.parse_args(to_flags(stage.args))
+        parser.parse_args(flags)
 
 
 def check_data_root(config: dict) -> int:

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--smoke", action="store_true")
     stages.add_argument("--output_dir", default=None)
     stages.add_argument("--data_root", default=None, help="Data folder; overrides the config's data.root.")
+    stages.add_argument("--check", action="store_true",
+                        help="Also make the checks `run` makes before its first stage (every stage's flags, the data "
+                             "root's images and label maps, a pretrained base), without running anything.")
 
     prepare = subcommands.add_parser(
         "prepare", help="Build a dataset in the package's layout: from its public source, as tiles, or with FDA copies."
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]
     args = parser.parse_args(argv)
 
-    from .workflow import load_config, plan, run_workflow
+    from .workflow import check_workflow, load_config, plan, run_workflow
 
     if args.command == "prepare" and args.dataset == "tiles":
         from .prepare import prepare_tiles
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["data"] = {"root": args.data_root}
     config = load_config(args.config, smoke=args.smoke, overrides=overrides, scale=args.scale)
     if args.command == "stages":
+        if args.check:
+            check_workflow(config)
         for stage in plan(config):
             status = "complete" if stage.is_complete() else "to run"
             how = " ".join(stage.command([])) if stage.script else f"(in-process) -> {stage.output}"

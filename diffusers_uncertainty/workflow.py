@@ -841,6 +841,31 @@ def stage_environment(config: dict) -> dict | None:
     return environment
 
 
+def check_workflow(config: dict, stages: list[Stage] | None = None, echo: Callable = print) -> None:
+    r"""
+    Everything checked before the first stage runs: every script stage's flags ([`check_stage_flags`]), the data
+    root's images and label maps ([`check_data_root`]) and a pretrained base ([`check_pretrained_base`]).
+    [`run_workflow`] calls it whenever a stage is to run; `diffusers-uncertainty stages --check` runs it alone.
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+        stages (`list[Stage]`, *optional*):
+            From [`plan`] (planned here when not given).
+        echo (`Callable`, defaults to `print`):
+            Where the progress line goes.
+
+    Raises:
+        `ValueError`: the first problem found, named.
+    """
+    check_stage_flags(plan(config) if stages is None else stages)
+    start = time.perf_counter()
+    checked = check_data_root(config)
+    if checked:
+        echo(f"Checked the data root ({checked} images) in {time.perf_counter() - start:.1f} s.")
+    check_pretrained_base(config)
+
+
 def run_workflow(config: dict, only: list[str] | None = None, force: bool = False, echo: Callable = print) -> Path:
     r"""
     Run the stages of a config, skipping those already complete.
@@ -859,7 +884,6 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
         `Path`: the report's markdown file.
     """
     stages = plan(config)
-    check_stage_flags(stages)
     launch_args = launch_arguments(config)
     environment = stage_environment(config)
     warning = emulated_bf16_warning(environment)
@@ -867,11 +891,7 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
         echo(warning)
     selected = [stage for stage in stages if not only or any(stage.name.startswith(prefix) for prefix in only)]
     if any(force or not stage.is_complete() for stage in selected):
-        start = time.perf_counter()
-        checked = check_data_root(config)
-        if checked:
-            echo(f"Checked the data root ({checked} images) in {time.perf_counter() - start:.1f} s.")
-        check_pretrained_base(config)
+        check_workflow(config, stages, echo)
     total_start = time.perf_counter()
     for index, stage in enumerate(stages, start=1):
         label = f"[{index:2d}/{len(stages)}] {stage.name:<34}"

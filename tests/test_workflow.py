@@ -351,7 +351,7 @@ def test_stage_flags_are_checked_against_the_scripts_parsers_before_any_stage_ru
             check_stage_flags(plan(config))
 
 
-def test_the_data_root_is_checked_before_the_first_stage(tmp_path):
+def test_the_data_root_is_checked_before_the_first_stage(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
@@ -362,6 +362,10 @@ def test_the_data_root_is_checked_before_the_first_stage(tmp_path):
     make_oct_dataset(root, num_source_train=3, num_source_val=2, num_target_train=3, num_target_val=2, size=(32, 32))
     overrides = {"output_dir": str(tmp_path / "out"), "data": {"root": str(root)}}
     assert check_data_root(load_config(None, smoke=True, overrides=overrides)) == 10
+    from diffusers_uncertainty.cli import main
+
+    command = ["stages", "--smoke", "--output_dir", str(tmp_path / "out"), "--data_root", str(root)]
+    assert main([*command, "--check"]) == 0 and "Checked the data root (10 images)" in capsys.readouterr().out
     num_classes = load_config(None, smoke=True, overrides=overrides)["data"]["num_classes"]
     assert check_data_root(load_config(None, smoke=True, overrides={"output_dir": "x"})) == 0  # the embedded data
 
@@ -376,6 +380,11 @@ def test_the_data_root_is_checked_before_the_first_stage(tmp_path):
                                        f"{num_classes}, `data.ignore_index` None): Label map of {bad} has values "
                                        f"[{num_classes}] outside the allowed [0, {num_classes})")
     assert not (tmp_path / "out").exists() and not any("running" in line for line in lines)
+    # `stages --check` makes the same checks without running anything; `stages` alone only lists.
+    assert main(command) == 0
+    with pytest.raises(ValueError, match=r"failed its check in target/val"):
+        main([*command, "--check"])
+    assert not (tmp_path / "out").exists()
 
     first = sorted((root / "source" / "val" / "labels").iterdir())[0]
     first.unlink()

@@ -430,9 +430,11 @@ def collect(args) -> dict:
 
 
 def mean_spread(values: list[float]) -> str:
+    """Mean ± sample standard deviation in %, or the value alone when there is one (no spread to state)."""
     values = [100 * value for value in values]
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def best_uncertainty_aware(table: dict) -> str | None:
@@ -468,7 +470,8 @@ def summarize(args, table: dict, sweep: dict | None = None) -> str:
     order = ["source_only", "photometric", "fda", "semantic_only", *UNCERTAINTY_AWARE,
              *[f"{name} (round {r})" for r in range(2, args.refine_rounds + 1) for name in UNCERTAINTY_AWARE],
              *ICCLD_ROWS]
-    lines = [f"Seeds {args.seeds}; mean ± sample standard deviation over the seeds that finished (n per row).", "",
+    lines = [f"Seeds {args.seeds}; mean ± sample standard deviation over the seeds that finished (n per row; "
+                 "n = 1: the value alone).", "",
              "| row | n | target/val mIoU | target pixel acc. | source/val mIoU |", "|---|---|---|---|---|"]
     for name in order:
         if name not in table:

@@ -440,7 +440,10 @@ def draw_grid(inputs: dict, rows: int, seed: int, tile: int, device: str | None)
 
 # ---------------------------------------------------------------------------------------------------- markdown
 def _cell(entry: dict) -> str:
-    return "n/a" if entry["mean"] is None else f"{entry['mean']:.1f} ± {entry['sd']:.1f}"
+    if entry["mean"] is None:
+        return "n/a"
+    # One value has no spread: "± 0.0" would claim one.
+    return f"{entry['mean']:.1f}" if entry["n"] < 2 else f"{entry['mean']:.1f} ± {entry['sd']:.1f}"
 
 
 def figures_markdown(grid: dict | None, per_class: dict | None, sweep: dict | None) -> str:

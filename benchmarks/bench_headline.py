@@ -437,6 +437,19 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def labeled_classes_miou(metrics: dict) -> float | None:
+    r"""
+    Mean IoU over the classes that have pixels in the labels, a class without IoU (neither labeled nor predicted)
+    counted as 0. The evaluation's mIoU (torchmetrics' convention) counts a class absent from the labels as 0 when a
+    model predicts it anywhere and leaves it out otherwise, so rows can average different class sets (CamVid's
+    target/val has no fence pixels); this mean is over one set for every row. `None` without per-class pixel counts.
+    """
+    if any("pixels" not in entry for entry in metrics["per_class"]):
+        return None
+    labeled = [entry["IoU"] or 0.0 for entry in metrics["per_class"] if entry["pixels"] > 0]
+    return sum(labeled) / len(labeled) if labeled else None
+
+
 def best_uncertainty_aware(table: dict) -> str | None:
     """The uncertainty-aware row (any round, not a sweep row) with the highest mean target/val mIoU, or `None`."""
     aware = [name for name in table if name.split(" (")[0] in UNCERTAINTY_AWARE and not is_sweep_row(name)]
@@ -472,13 +485,16 @@ def summarize(args, table: dict, sweep: dict | None = None) -> str:
              *ICCLD_ROWS]
     lines = [f"Seeds {args.seeds}; mean ± sample standard deviation over the seeds that finished (n per row; "
                  "n = 1: the value alone).", "",
-             "| row | n | target/val mIoU | target pixel acc. | source/val mIoU |", "|---|---|---|---|---|"]
+             "| row | n | target/val mIoU | target/val mIoU, labeled classes | target pixel acc. | source/val mIoU |",
+             "|---|---|---|---|---|---|"]
     for name in order:
         if name not in table:
             continue
         runs = list(table[name].values())
+        labeled = [labeled_classes_miou(r["target"]) for r in runs]
         lines.append(
             f"| {name} | {len(runs)} | {mean_spread([r['target']['mIoU'] for r in runs])} | "
+            f"{'n/a' if None in labeled else mean_spread(labeled)} | "
             f"{mean_spread([r['target']['pixel_accuracy'] for r in runs])} | "
             f"{mean_spread([r['source']['mIoU'] for r in runs])} |"
         )
@@ -496,6 +512,9 @@ def summarize(args, table: dict, sweep: dict | None = None) -> str:
                 values = [value for value in values if value is not None]
                 cells.append(f"{100 * statistics.mean(values):.1f}" if values else "n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Labeled classes: the mean IoU over the classes with pixels in target/val's labels, the same classes "
+                  "for every row (the mIoU column drops a class absent from the labels only for rows that never "
+                  "predict it)."]
     lines += sweep_table(args, table, sweep)
     return "\n".join(lines) + "\n"
 

@@ -271,6 +271,24 @@ def test_results_keep_the_sweep_out_of_the_main_rows(tmp_path):
     assert "reads every generated sample: 20 per seed" in text
 
 
+def test_the_labeled_classes_mean_counts_the_same_classes_for_every_row(tmp_path):
+    def target(ious, pixels):
+        return {"mIoU": 0.0, "pixel_accuracy": 0.5,
+                "per_class": [{"class": c, "IoU": i, "pixels": p} for c, i, p in zip(CLASSES, ious, pixels)]}
+
+    # `car` has no labeled pixel: one row predicts it somewhere (IoU 0), the other never (IoU None).
+    predicts_car, never = target([0.6, 0.3, 0.0], [10, 5, 0]), target([0.6, 0.3, None], [10, 5, 0])
+    assert bench_headline.labeled_classes_miou(predicts_car) == pytest.approx(0.45)
+    assert bench_headline.labeled_classes_miou(never) == pytest.approx(0.45)
+    assert bench_headline.labeled_classes_miou(metrics(0.3, [0.5, 0.3, 0.1])) is None  # no pixel counts
+
+    table = {"source_only": {0: {"target": predicts_car, "source": predicts_car}},
+             "photometric": {0: {"target": never, "source": never}}}
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "--no_fda", "--refine_rounds", "1"])
+    text = bench_headline.summarize(args, table)
+    assert "| source_only | 1 | 0.0 | 45.0 | 50.0 | 0.0 |" in text and "| photometric | 1 | 0.0 | 45.0 |" in text
+
+
 def test_rows_and_refinement_settings_are_checked_before_any_work(tmp_path, capsys):
     args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "source_only", "fda", "--refine_rounds", "1"])
     assert list(bench_headline.rows(args)) == ["source_only", "fda"]

@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from
 
 from diffusers_uncertainty.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from diffusers_uncertainty.data_reader import labeled_folder_records  # noqa: E402
+from diffusers_uncertainty.segmentation.metrics import labeled_classes_mean_iou  # noqa: E402
 from diffusers_uncertainty.workflow import MARKER, load_config, run_workflow  # noqa: E402
 
 
@@ -437,19 +438,6 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def labeled_classes_miou(metrics: dict) -> float | None:
-    r"""
-    Mean IoU over the classes that have pixels in the labels, a class without IoU (neither labeled nor predicted)
-    counted as 0. The evaluation's mIoU (torchmetrics' convention) counts a class absent from the labels as 0 when a
-    model predicts it anywhere and leaves it out otherwise, so rows can average different class sets (CamVid's
-    target/val has no fence pixels); this mean is over one set for every row. `None` without per-class pixel counts.
-    """
-    if any("pixels" not in entry for entry in metrics["per_class"]):
-        return None
-    labeled = [entry["IoU"] or 0.0 for entry in metrics["per_class"] if entry["pixels"] > 0]
-    return sum(labeled) / len(labeled) if labeled else None
-
-
 def best_uncertainty_aware(table: dict) -> str | None:
     """The uncertainty-aware row (any round, not a sweep row) with the highest mean target/val mIoU, or `None`."""
     aware = [name for name in table if name.split(" (")[0] in UNCERTAINTY_AWARE and not is_sweep_row(name)]
@@ -491,7 +479,7 @@ def summarize(args, table: dict, sweep: dict | None = None) -> str:
         if name not in table:
             continue
         runs = list(table[name].values())
-        labeled = [labeled_classes_miou(r["target"]) for r in runs]
+        labeled = [labeled_classes_mean_iou(r["target"]) for r in runs]
         lines.append(
             f"| {name} | {len(runs)} | {mean_spread([r['target']['mIoU'] for r in runs])} | "
             f"{'n/a' if None in labeled else mean_spread(labeled)} | "

@@ -63,17 +63,21 @@ def metrics_table(evaluation_dir: Path, variants: list[str]) -> tuple[str, dict]
     Returns:
         `tuple(str, dict)`: the table, and `{variant: {split: metrics}}` as read.
     """
+    from .segmentation.metrics import labeled_classes_mean_iou  # the segmentation extra, present once segmenters ran
+
     rows = [
-        "| segmenter | target mIoU | target mDice | target pixel acc. | source mIoU | source mDice |",
-        "|---|---|---|---|---|---|",
+        "| segmenter | target mIoU | target mIoU, labeled classes | target mDice | target pixel acc. | source mIoU | "
+        "source mDice |",
+        "|---|---|---|---|---|---|---|",
     ]
     read = {}
     for variant in variants:
         target = _read_metrics(evaluation_dir / variant / "target_val" / "metrics.json") or {}
         source = _read_metrics(evaluation_dir / variant / "source_val" / "metrics.json") or {}
         read[variant] = {"target_val": target, "source_val": source}
+        labeled = labeled_classes_mean_iou(target) if target.get("per_class") else None
         rows.append(
-            f"| {variant} | {_percent(target.get('mIoU'))} | {_percent(target.get('mDice'))} | "
+            f"| {variant} | {_percent(target.get('mIoU'))} | {_percent(labeled)} | {_percent(target.get('mDice'))} | "
             f"{_percent(target.get('pixel_accuracy'))} | {_percent(source.get('mIoU'))} | {_percent(source.get('mDice'))} |"
         )
     return "\n".join(rows), read
@@ -257,6 +261,9 @@ def write_report(
         "## Segmentation (evaluated on the labeled development splits, %)",
         "",
         table,
+        "",
+        "Labeled classes: the mean IoU over the classes with pixels in target/val's labels, the same classes for every "
+        "row (mIoU leaves out a class absent from the labels only for a segmenter that never predicts it).",
         "",
         "## Uncertainty of the source-only segmenter (mean normalised map value)",
         "",

@@ -278,15 +278,33 @@ def test_the_labeled_classes_mean_counts_the_same_classes_for_every_row(tmp_path
 
     # `car` has no labeled pixel: one row predicts it somewhere (IoU 0), the other never (IoU None).
     predicts_car, never = target([0.6, 0.3, 0.0], [10, 5, 0]), target([0.6, 0.3, None], [10, 5, 0])
-    assert bench_headline.labeled_classes_miou(predicts_car) == pytest.approx(0.45)
-    assert bench_headline.labeled_classes_miou(never) == pytest.approx(0.45)
-    assert bench_headline.labeled_classes_miou(metrics(0.3, [0.5, 0.3, 0.1])) is None  # no pixel counts
+    assert bench_headline.labeled_classes_mean_iou(predicts_car) == pytest.approx(0.45)
+    assert bench_headline.labeled_classes_mean_iou(never) == pytest.approx(0.45)
+    assert bench_headline.labeled_classes_mean_iou(metrics(0.3, [0.5, 0.3, 0.1])) is None  # no pixel counts
 
     table = {"source_only": {0: {"target": predicts_car, "source": predicts_car}},
              "photometric": {0: {"target": never, "source": never}}}
     args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "--no_fda", "--refine_rounds", "1"])
     text = bench_headline.summarize(args, table)
     assert "| source_only | 1 | 0.0 | 45.0 | 50.0 | 0.0 |" in text and "| photometric | 1 | 0.0 | 45.0 |" in text
+
+
+def test_the_workflow_report_shows_the_labeled_classes_mean(tmp_path):
+    from diffusers_uncertainty.report import metrics_table
+
+    def write(variant, split, ious, pixels):
+        folder = tmp_path / variant / split
+        folder.mkdir(parents=True)
+        per_class = [{"class": c, "IoU": i, "Dice": i, "pixels": p} for c, i, p in zip(CLASSES, ious, pixels)]
+        present = [i for i in ious if i is not None]
+        (folder / "metrics.json").write_text(json.dumps({"mIoU": sum(present) / len(present), "mDice": 0.5,
+                                                         "pixel_accuracy": 0.5, "per_class": per_class}))
+
+    for variant, car in (("predicts_car", 0.0), ("never_car", None)):  # car has no labeled pixel in target/val
+        write(variant, "target_val", [0.6, 0.3, car], [10, 5, 0])
+        write(variant, "source_val", [0.6, 0.3, 0.1], [10, 5, 3])
+    table, _ = metrics_table(tmp_path, ["predicts_car", "never_car"])
+    assert "| predicts_car | 30.0 | 45.0 |" in table and "| never_car | 45.0 | 45.0 |" in table
 
 
 def test_rows_and_refinement_settings_are_checked_before_any_work(tmp_path, capsys):

@@ -25,7 +25,7 @@ from .losses import (
     uncertainty_boundary_emphasis_loss,
     uncertainty_boundary_weights,
 )
-from .metrics import SegmentationMetrics, metrics_to_markdown
+from .metrics import SegmentationMetrics, labeled_classes_mean_iou, metrics_to_markdown
 from .models import (
     SEGMENTATION_ARCHITECTURES,
     SegmentationModel,
@@ -88,6 +88,7 @@ __all__ = [
     "label_edges",
     "load_segmentation_data",
     "mc_dropout_mode",
+    "labeled_classes_mean_iou",
     "metrics_to_markdown",
     "mixture_weights",
     "mutual_information",

@@ -80,6 +80,26 @@ class SegmentationMetrics:
         }
 
 
+def labeled_classes_mean_iou(metrics: Dict) -> Optional[float]:
+    r"""
+    Mean IoU over the classes that have pixels in the labels, from [`SegmentationMetrics.compute`]'s output.
+
+    `mIoU` leaves out a class absent from both truth and prediction but counts a class absent from the truth as 0 when
+    it is predicted anywhere, so two models can average different class sets on a split that lacks a class (CamVid's
+    dusk target/val has no fence pixels). This mean is over the same classes for every model.
+
+    Args:
+        metrics (`dict`): With `per_class` entries holding `IoU` and `pixels`.
+
+    Returns:
+        `float` or `None`: `None` when the entries carry no pixel counts or no class has labeled pixels.
+    """
+    if any("pixels" not in entry for entry in metrics["per_class"]):
+        return None
+    labeled = [entry["IoU"] for entry in metrics["per_class"] if entry["pixels"] > 0]  # defined: union >= pixels
+    return sum(labeled) / len(labeled) if labeled else None
+
+
 def metrics_to_markdown(metrics: Dict, title: Optional[str] = None) -> str:
     """Formats [`SegmentationMetrics.compute`] output as a markdown table (values in percent).
 

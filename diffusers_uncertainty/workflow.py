@@ -27,6 +27,7 @@ from huggingface_hub import hf_hub_download
 from .atomic import write_json_atomic, write_text_atomic
 from .data_reader import labeled_folder_records, unlabeled_folder_records, validate_records
 from .stage_runner import (
+    cpu_thread_arguments,
     emulated_bf16_warning,
     load_script,
     run_in_process,
@@ -212,6 +213,20 @@ def launch_arguments(config: dict) -> list[str]:
                 f"`launch.args` item {index} must be a string or a number, but got {type(arg).__name__} {arg!r}."
             )
     return [str(arg) for arg in args]
+
+
+def stage_launch_arguments(config: dict) -> list[str]:
+    r"""
+    The `accelerate launch` arguments the script stages run with: [`launch_arguments`], plus
+    `--num_cpu_threads_per_process N` when the stages would otherwise compute on one CPU thread each (see
+    [`stage_runner.cpu_thread_arguments`]; set that flag, `--cpu` or `OMP_NUM_THREADS` to choose yourself).
+
+    Args:
+        config (`dict`):
+            From [`load_config`].
+    """
+    launch_args = launch_arguments(config)
+    return launch_args + cpu_thread_arguments(launch_args)
 
 
 # Flags of train_segmentation.py that only the smp segmenters read; dropped for `model: latent_diffusion`.
@@ -831,7 +846,7 @@ def stage_environment(config: dict) -> dict | None:
     mode = launch.get("in_process", "auto")
     if mode is False:
         return None
-    launch_args = launch_arguments(config)
+    launch_args = stage_launch_arguments(config)
     environment = single_process_environment(launch_args, example_script_path("train_segmentation.py"))
     if environment is None and mode is True:
         raise ValueError(
@@ -884,7 +899,11 @@ def run_workflow(config: dict, only: list[str] | None = None, force: bool = Fals
         `Path`: the report's markdown file.
     """
     stages = plan(config)
-    launch_args = launch_arguments(config)
+    launch_args = stage_launch_arguments(config)
+    added = launch_args[len(launch_arguments(config)):]
+    if added:
+        echo(f"The stages run on the CPU: `{' '.join(added)}` added to `launch.args` (`accelerate launch` gives each "
+             "process one thread otherwise); set it, `--cpu` or OMP_NUM_THREADS to choose.")
     environment = stage_environment(config)
     warning = emulated_bf16_warning(environment)
     if warning is not None:

@@ -292,6 +292,43 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_once_before_any
     assert not any("bf16" in line for line in lines)
 
 
+def test_cpu_stages_get_the_physical_cores_instead_of_accelerates_one_thread(tmp_path, monkeypatch):
+    import psutil
+
+    from diffusers_uncertainty import stage_runner
+    from diffusers_uncertainty.stage_runner import cpu_thread_arguments
+    from diffusers_uncertainty.workflow import stage_environment, stage_launch_arguments
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(stage_runner, "_accelerator_available", lambda: False)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
+    one = ["--num_processes", "1"]
+    assert cpu_thread_arguments(one) == ["--num_cpu_threads_per_process", "8"]
+    assert cpu_thread_arguments(["--num_processes", "2"]) == ["--num_cpu_threads_per_process", "4"]
+    assert cpu_thread_arguments([*one, "--cpu"]) == []  # accelerate itself gives --cpu the physical cores
+    assert cpu_thread_arguments([*one, "--num_cpu_threads_per_process", "3"]) == []  # the user's choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu_thread_arguments(one) == []  # the user's choice, which accelerate passes on
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 1)
+    assert cpu_thread_arguments(one) == []  # one core: nothing to add
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"args": one}})
+    assert stage_launch_arguments(config) == [*one, "--num_cpu_threads_per_process", "8"]
+    assert stage_environment(config)["OMP_NUM_THREADS"] == "8"  # what the in-process stages run with
+    lines = []
+    run_workflow(config, only=["no stage has this name"], echo=lines.append)
+    assert lines[0].startswith("The stages run on the CPU: `--num_cpu_threads_per_process 8` added to `launch.args`")
+
+    monkeypatch.setattr(stage_runner, "_accelerator_available", lambda: True)
+    assert stage_launch_arguments(config) == one  # on a GPU, accelerate's one thread per process stays
+    assert stage_environment(config)["OMP_NUM_THREADS"] == "1"
+    lines.clear()
+    run_workflow(config, only=["no stage has this name"], echo=lines.append)
+    assert not any("CPU" in line for line in lines)
+
+
 def test_in_process_is_refused_for_several_processes(tmp_path):
     from diffusers_uncertainty.workflow import stage_environment
 

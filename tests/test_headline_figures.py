@@ -265,7 +265,7 @@ def test_results_keep_the_sweep_out_of_the_main_rows(tmp_path):
     text = bench_headline.summarize(args, table, sweep)
     main_table = text.split("Per-class")[0]
     assert "| synthetic_photometric | 2 | 42.0 ± 2.8 |" in main_table and "(0.5x)" not in main_table
-    assert "best uncertainty-aware row (synthetic_photometric)" in text
+    assert "best uncertainty-aware row (synthetic_photometric; ranked on the labeled-classes mean)" in text
     assert "| multiple | synthetic samples | n | target/val mIoU | source/val mIoU |" in text
     assert "| 0.5x | 5 | 2 | 52.0 ± 2.8 | 72.0 ± 2.8 |" in text and "| 1x | 10 | 1 | 42.0 | " in text
     assert "reads every generated sample: 20 per seed" in text
@@ -287,6 +287,24 @@ def test_the_labeled_classes_mean_counts_the_same_classes_for_every_row(tmp_path
     args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "--no_fda", "--refine_rounds", "1"])
     text = bench_headline.summarize(args, table)
     assert "| source_only | 1 | 0.0 | 45.0 | 50.0 | 0.0 |" in text and "| photometric | 1 | 0.0 | 45.0 |" in text
+
+
+def test_the_best_uncertainty_aware_row_is_ranked_on_the_labeled_classes(tmp_path):
+    def target(ious, pixels):
+        present = [i for i in ious if i is not None]
+        return {"mIoU": sum(present) / len(present), "pixel_accuracy": 0.5,
+                "per_class": [{"class": c, "IoU": i, "pixels": p} for c, i, p in zip(CLASSES, ious, pixels)]}
+
+    # `car` has no labeled pixel. synthetic predicts it somewhere (mIoU (0.7 + 0.4 + 0) / 3 = 36.7, labeled classes
+    # 55.0); synthetic_photometric never does (mIoU = labeled classes = 50.0): the plain mIoU would pick the latter.
+    better, never = target([0.7, 0.4, 0.0], [10, 5, 0]), target([0.6, 0.4, None], [10, 5, 0])
+    table = {"synthetic": {0: {"target": better, "source": better}},
+             "synthetic_photometric": {0: {"target": never, "source": never}}}
+    assert never["mIoU"] > better["mIoU"]
+    assert bench_headline.best_uncertainty_aware(table) == "synthetic"
+    # A run without pixel counts (metrics written before they were recorded): every row ranks on the plain mIoU.
+    table["synthetic_photometric_flexseg"] = {0: run(0.45, [0.5, 0.4, 0.45])}
+    assert bench_headline.best_uncertainty_aware(table) == "synthetic_photometric"
 
 
 def test_the_workflow_report_shows_the_labeled_classes_mean(tmp_path):

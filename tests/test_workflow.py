@@ -475,7 +475,9 @@ def test_named_scales(tmp_path):
     assert load_config(path, smoke=True, overrides={"output_dir": "x", **data}) == load_config(
         path, scale="smoke", overrides={"output_dir": "x", **data}
     )
-    with pytest.raises(ValueError, match=r"`--scale` must name one of the config's scales \['gpu', 'smoke'\], but got 'tpu'"):
+    cpu = load_config(path, scale="cpu", overrides={"output_dir": "x", **data})
+    assert cpu["data"]["resolution"] == 64 and cpu["launch"]["args"][-1] == "no"  # the string, not YAML's False
+    with pytest.raises(ValueError, match=r"`--scale` must name one of the config's scales \['cpu', 'gpu', 'smoke'\], but got 'tpu'"):
         load_config(path, scale="tpu", overrides={"output_dir": "x", **data})
 
 

@@ -307,6 +307,47 @@ def test_the_best_uncertainty_aware_row_is_ranked_on_the_labeled_classes(tmp_pat
     assert bench_headline.best_uncertainty_aware(table) == "synthetic_photometric"
 
 
+def test_the_best_row_is_held_against_the_goal_paired_by_seed(tmp_path):
+    def target(miou, labeled):  # road and sky labeled in target/val, car not
+        return {"mIoU": miou, "pixel_accuracy": 0.5,
+                "per_class": [{"class": c, "IoU": i, "pixels": p} for c, i, p in zip(CLASSES, labeled, [10, 5, 0])]}
+
+    def entry(labeled, source):
+        return {"target": target(0.0, [*labeled, None]), "source": {"mIoU": source, "pixel_accuracy": 0.5}}
+
+    table = {  # labeled-classes means: source_only 0.30 / 0.40, photometric 0.40 / 0.50, best 0.45 / 0.52
+        "source_only": {0: entry([0.4, 0.2], 0.60), 1: entry([0.5, 0.3], 0.62)},
+        "photometric": {0: entry([0.5, 0.3], 0.55), 1: entry([0.6, 0.4], 0.57)},
+        "fda": {1: entry([0.7, 0.5], 0.58)},  # only seed 1 finished: compared on seed 1 alone
+        "synthetic_fda_filtered_ratio25": {0: entry([0.5, 0.4], 0.56), 1: entry([0.6, 0.44], 0.58)},
+    }
+    assert bench_headline.best_uncertainty_aware(table) == "synthetic_fda_filtered_ratio25"
+    lines = bench_headline.goal_lines(table, "synthetic_fda_filtered_ratio25")
+    text = "\n".join(lines)
+    assert "| target/val: synthetic_fda_filtered_ratio25 - photometric | 2 | +3.5 ± 2.1 | +5.0 / +2.0 | >= +3.0 | yes |" in text
+    assert "| target/val: synthetic_fda_filtered_ratio25 - fda | 1 | -8.0 | -8.0 | none stated | n/a |" in text
+    assert "| source/val: synthetic_fda_filtered_ratio25 - source_only | 2 | -4.0 ± 0.0 | -4.0 / -4.0 | >= -3.0 | no |" in text
+    assert "semantic_only" not in text  # a row that did not run is left out, not shown as missing data
+    assert bench_headline.goal_lines(table, None) == []
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "1", "--refine_rounds", "1"])
+    assert text in bench_headline.summarize(args, table)
+
+
+def test_no_fda_leaves_out_every_row_with_fda(tmp_path):
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--refine_rounds", "1", "--no_fda"])
+    assert "fda" not in bench_headline.rows(args) and "synthetic_fda_filtered_ratio25" not in bench_headline.rows(args)
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--refine_rounds", "1", "--rows", "fda",
+                                      "synthetic_fda_filtered_ratio25"])
+    config = bench_headline.workflow_config(args, tmp_path / "seed_0", 0, {"refine_rounds": 1}, bench_headline.rows(args))
+    stages = {stage.name: stage for stage in plan(config)}
+    segmenter = stages["segmenter:synthetic_fda_filtered_ratio25"].args
+    assert segmenter["fourier_domain_adaptation"] and segmenter["synthetic_ratio"] == 0.25
+    assert segmenter["synthetic_filter_model"] == tmp_path / "seed_0" / "segmenters" / "fda"
+    with pytest.raises(SystemExit):  # its filter segmenter must be among the rows
+        bench_headline.parse_args(["--work_dir", str(tmp_path), "--refine_rounds", "1", "--rows",
+                                   "synthetic_fda_filtered_ratio25"])
+
+
 def test_the_workflow_report_shows_the_labeled_classes_mean(tmp_path):
     from diffusers_uncertainty.report import metrics_table
 

@@ -541,9 +541,9 @@ def summarize(args, table: dict, sweep: dict | None = None) -> str:
     best = best_uncertainty_aware(table)
     lines += goal_lines(table, best)
     if best is not None and "source_only" in table and "photometric" in table:
-        shown = ["source_only", "photometric", best]
+        shown = ["source_only", "photometric", *(["fda"] if "fda" in table else []), best]
         classes = [entry["class"] for entry in next(iter(table["source_only"].values()))["target"]["per_class"]]
-        lines += ["", f"Per-class target/val IoU (mean over seeds): source_only, photometric and the best "
+        lines += ["", f"Per-class target/val IoU (mean over seeds): source_only, photometric, fda (where run) and the best "
                       f"uncertainty-aware row ({best}; ranked on the labeled-classes mean).", "",
                   "| class | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
         for index, name in enumerate(classes):

@@ -11,7 +11,7 @@ root, and writes into `--output_dir` (default `<work_dir>/figures`):
 | file | what it shows |
 |---|---|
 | `grid.png`, `grid.json` | on the trained base and dual control of one seed, one row per source/val label map: the label map (coloured), the images generated from it at uniform uncertainty 0, 0.5 and 1 (one generator seed per row: the three share their noise), and the real source/train and target/train images nearest to the image at uncertainty 1 |
-| `per_class_iou.png`, `per_class_iou.json` | target/val IoU per class of source_only, photometric and the best uncertainty-aware row: mean over the seeds, error bars one sample standard deviation |
+| `per_class_iou.png`, `per_class_iou.json` | target/val IoU per class of source_only, photometric, fda (where it ran) and the best uncertainty-aware row: mean over the seeds, error bars one sample standard deviation |
 | `synthetic_count.png`, `synthetic_count.json` | target/val mIoU of the synthetic-count sweep (`bench_headline.py --synthetic_counts`) against the number of synthetic samples: mean, one sample standard deviation, each seed |
 | `figures.md` | the numbers behind every figure drawn, as markdown tables (for RESULTS.md) |
 
@@ -137,8 +137,8 @@ def _mean_sd(values: list[float]) -> dict:
 
 def per_class_summary(results: dict) -> tuple[dict | None, str | None]:
     r"""
-    Per-class target/val IoU (%) of source_only, photometric and the best uncertainty-aware row: `({"rows",
-    "classes", "values": {row: [{"class", "mean", "sd", "n", "values"} ...]}}, None)`, or `(None, reason)`. A class
+    Per-class target/val IoU (%) of source_only, photometric, fda (where it ran) and the best uncertainty-aware row:
+    `({"rows", "classes", "values": {row: [{"class", "mean", "sd", "n", "values"} ...]}}, None)`, or `(None, reason)`. A class
     a seed's evaluation has no IoU for (absent from target/val) is left out of that class's mean; with no IoU at all
     its mean and sd are `None`.
     """
@@ -148,7 +148,7 @@ def per_class_summary(results: dict) -> tuple[dict | None, str | None]:
     if best is None or missing:
         return None, (f"expected finished evaluations of {', '.join(missing + ([] if best else ['an uncertainty-aware row']))} "
                       "in results.json, got none")
-    rows = [*PER_CLASS_BASELINES, best]
+    rows = [*PER_CLASS_BASELINES, *(["fda"] if "fda" in table else []), best]
     classes = [entry["class"] for entry in next(iter(table[rows[0]].values()))["target"]["per_class"]]
     values = {}
     for row in rows:

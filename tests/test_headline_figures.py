@@ -78,6 +78,10 @@ def test_plots_write_pngs_of_the_expected_size_and_their_numbers(tmp_path, capsy
     assert sky["sd"] == pytest.approx(statistics.stdev([40.0, 50.0])) and sky["n"] == 2
     assert car["mean"] == pytest.approx(20.0) and car["n"] == 1  # the seed without the class is left out
     assert per_class["values"]["source_only"][0]["mean"] == pytest.approx(55.0)
+    with_fda = constructed_results()
+    with_fda["table"]["fda"] = {0: run(0.36, [0.6, 0.3, 0.2])}  # the baseline a user tries first: shown where it ran
+    assert headline_figures.per_class_summary(with_fda)[0]["rows"] == ["source_only", "photometric", "fda",
+                                                                       "synthetic_photometric"]
 
     sweep = json.loads((figures / "synthetic_count.json").read_text())
     assert [(p["multiple"], p["samples"], p["n"]) for p in sweep["points"]] == [(0.5, 5, 2), (1.0, 10, 1)]  # 2x: none

@@ -10,7 +10,9 @@
   source images.
 
 Besides the dataset itself (uncertainty maps from the bank of real target maps), a few images are generated again
-at constant uncertainty levels from the same label maps and seeds, so the measures can be read per level.
+at constant uncertainty levels from the same label maps and seeds, so the measures can be read per level; and the
+held-out real images are passed through the base model's autoencoder at the generated size (encoded, decoded): no
+generated image can do better than these, so they tell a base that limits the synthetic data from a control that does.
 `examples/evaluate_synthetic.py` runs [`evaluate_synthetic_dataset`] from the command line; the workflow runs it as a
 stage and its report shows [`synthetic_evaluation_table`].
 """
@@ -452,6 +454,50 @@ def generate_level_sets(
     return sets
 
 
+@torch.no_grad()
+def autoencode_samples(
+    pipeline, samples: Sequence[dict], height: int, width: int, num_classes: int, ignore_index: int | None,
+    batch_size: int = 8,
+) -> list[dict]:
+    r"""
+    Labeled real samples passed through the base model's autoencoder at the generated size: each image resized to
+    `height` x `width` as the pipeline resizes an `init_image`, encoded (the mode of the latent distribution, as the
+    pipeline encodes one) and decoded; its label map resized as the pipeline resizes a `semantic_map` (nearest). A
+    generated image is decoded by the same autoencoder, so these bound what any generated image of this base can
+    reach: when their fidelity or target likeness is already far below the real images', the base (its size, its
+    training) limits the synthetic data, not the control.
+
+    Args:
+        pipeline ([`StableDiffusionDualControlPipeline`]):
+            The pipeline the dataset was generated with (its `vae` and `image_processor`).
+        samples (`Sequence[dict]`):
+            `{"image": PIL.Image, "label": (H, W) int array, "name": str}`.
+        height (`int`), width (`int`):
+            The generated images' size.
+        num_classes (`int`), ignore_index (`int`, *optional*):
+            The label space.
+        batch_size (`int`, defaults to 8):
+            Images per autoencoder pass.
+
+    Returns:
+        `list[dict]`: samples `{"image", "label", "name"}` at `height` x `width`.
+    """
+    from .conditioning import prepare_semantic_map
+
+    vae, processor = pipeline.vae, pipeline.image_processor
+    out = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        pixels = processor.preprocess([sample["image"] for sample in batch], height=height, width=width)
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        images = processor.postprocess(vae.decode(latents).sample, output_type="pil")
+        for sample, image in zip(batch, images):  # one label map a call: real images may differ in size
+            label = np.asarray(sample["label"]).astype(np.int64)
+            _, resized = prepare_semantic_map(label, num_classes, height, width, ignore_index, argument="label")
+            out.append({"image": image, "label": resized[0].numpy(), "name": f"autoencoded_{sample['name']}"})
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the evaluation
 def check_evaluation_arguments(
     synthetic_data_dir, source_segmenter, source_train_dir, target_train_dir, source_eval_dir, target_eval_dir,
@@ -602,7 +648,10 @@ def evaluate_synthetic_dataset(
         autocast (`Callable`, defaults to `contextlib.nullcontext`):
             Context of the segmenters' forward passes (e.g. `accelerator.autocast`).
         pipeline ([`StableDiffusionDualControlPipeline`], *optional*):
-            The pipeline the dataset was generated with, if already loaded; otherwise loaded from the settings.
+            The pipeline the dataset was generated with, if already loaded; otherwise loaded from the settings when
+            there are `uncertainty_levels`. Whenever a pipeline is at hand, the held-out real images are also measured
+            after its autoencoder ([`autoencode_samples`]: the sets `autoencoded:real_source`,
+            `autoencoded:real_target`).
         pipeline_dtype (`torch.dtype`, defaults to `torch.float32`):
             Weights' dtype when the pipeline is loaded here.
         echo (`Callable`, defaults to `print`):
@@ -661,6 +710,12 @@ def evaluate_synthetic_dataset(
         for level, samples in generate_level_sets(pipeline, rows, settings, uncertainty_levels, samples_per_level, batch_size).items():
             sets[f"level:{level}"] = samples
         seconds["generate_levels"], clock = time.perf_counter() - clock, time.perf_counter()
+    if pipeline is not None and settings is not None:  # the base's ceiling: held-out real images through its autoencoder
+        for name in ("real_source", "real_target"):
+            sets[f"autoencoded:{name}"] = autoencode_samples(
+                pipeline, sets[name], settings["height"], settings["width"], num_classes, ignore_index, batch_size
+            )
+        seconds["autoencode"], clock = time.perf_counter() - clock, time.perf_counter()
     sets["dataset"] = [synthetic[i] for i in range(count)]
     description = "its own maps"
     if settings is not None:
@@ -799,6 +854,8 @@ def _set_label(entry: dict) -> str:
         return "real source (held-out)"
     if name == "real_target":
         return "real target (held-out)"
+    if name.startswith("autoencoded:"):
+        return f"{_set_label({'name': name.split(':', 1)[1]})[:-1]}, through the base's autoencoder)"
     if name.startswith("level:"):
         return f"generated, u = {float(name.split(':', 1)[1]):g}"
     return f"generated dataset ({entry.get('uncertainty', 'its own maps')})"
@@ -822,8 +879,8 @@ SEGMENTER_LABELS = {"source_only": "source-only", "target_like": "photometric"}
 def synthetic_evaluation_table(results: dict) -> str:
     r"""
     The markdown table of a synthetic evaluation: one row per image set (real source and real target first, their
-    mIoU being the ceiling; then each constant uncertainty level and the dataset itself), then one line on the
-    domain classifier.
+    mIoU being the ceiling; then each constant uncertainty level, the real images through the base's autoencoder
+    where measured, and the dataset itself), then one line on the domain classifier.
 
     Args:
         results (`dict`):
@@ -851,7 +908,9 @@ def synthetic_evaluation_table(results: dict) -> str:
     sizes = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
     lines += [
         "",
-        f"mIoU and 'classified as target' in %; on the real rows the mIoU is the segmenter's ceiling. Domain "
+        f"mIoU and 'classified as target' in %; on the real rows the mIoU is the segmenter's ceiling, on the rows "
+        "through the base's autoencoder (encoded and decoded at the generated size) the ceiling of any image this "
+        "base generates. Domain "
         f"classifier: held-out accuracy {_percent(classifier['heldout_accuracy'])} % (source "
         f"{_percent(classifier['source_accuracy'])} %, target {_percent(classifier['target_accuracy'])} %; trained on "
         f"{classifier['train_images']['source']} source and {classifier['train_images']['target']} target images); "

@@ -17,6 +17,7 @@ from diffusers_uncertainty import build_tiny_pipeline
 from diffusers_uncertainty.segmentation import create_segmentation_model
 from diffusers_uncertainty.synthetic_evaluation import (
     DomainClassifier,
+    autoencode_samples,
     domain_images,
     domain_predictions,
     evaluate_synthetic_dataset,
@@ -256,14 +257,64 @@ def test_script_generates_the_levels_and_uses_the_target_segmenter(workspace, tm
         "echo": lambda line: None,
     })
     names = [entry["name"] for entry in results["sets"]]
-    assert names == ["real_source", "real_target", "level:0.0", "level:1.0", "dataset"]
+    assert names == ["real_source", "real_target", "level:0.0", "level:1.0", "autoencoded:real_source",
+                     "autoencoded:real_target", "dataset"]
     counts = {entry["name"]: entry["num_images"] for entry in results["sets"]}
     assert counts["level:0.0"] == counts["level:1.0"] == 2 and counts["dataset"] == 3
+    assert counts["autoencoded:real_target"] == counts["real_target"]  # every held-out image, through the VAE
     for entry in results["sets"]:  # the same segmenter twice: the two fidelity columns agree
         assert entry["fidelity"]["source_only"] == entry["fidelity"]["target_like"]
     table = synthetic_evaluation_table(results)
     assert "| generated, u = 0 | 2 |" in table and "| generated, u = 1 | 2 |" in table
     assert "| generated dataset (constant level 0.5) | 3 |" in table
+    assert f"| real target (held-out, through the base's autoencoder) | {counts['real_target']} |" in table
+
+
+class _IdentityLatents:
+    def __init__(self, pixels):
+        self.pixels = pixels
+
+    def mode(self):
+        return self.pixels
+
+
+class _IdentityAutoencoder(nn.Module):
+    """Latents are the pixels: what comes out of `autoencode_samples` is then the resized real image itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # device and dtype
+
+    device = property(lambda self: self.anchor.device)
+    dtype = property(lambda self: self.anchor.dtype)
+
+    def encode(self, pixels):
+        return type("Encoded", (), {"latent_dist": _IdentityLatents(pixels)})()
+
+    def decode(self, latents):
+        return type("Decoded", (), {"sample": latents})()
+
+
+def test_autoencoded_samples_are_labeled_like_generated_ones_and_bounded_by_the_autoencoder(domains):
+    pipe = build_tiny_pipeline(num_classes=3, ignore_index=IGNORE_INDEX)
+    pipe.set_progress_bar_config(disable=True)
+    real = domains["target_val"][:3]  # 32 x 40 images and label maps
+    out = autoencode_samples(pipe, real, 16, 24, 3, IGNORE_INDEX, batch_size=2)
+    assert [sample["image"].size for sample in out] == [(24, 16)] * 3
+    # Each label map is resized as the pipeline resizes it for a generated image of that size.
+    generated = pipe("", semantic_map=[torch.from_numpy(s["label"]) for s in real], uncertainty_map=0.5,
+                     num_inference_steps=1, height=16, width=24, output_type="np")
+    for sample, label in zip(out, generated.semantic_maps):
+        assert np.array_equal(sample["label"], np.asarray(label))
+    # The latent distribution's mode, not a draw: the same images every time.
+    again = autoencode_samples(pipe, real, 16, 24, 3, IGNORE_INDEX, batch_size=3)
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(out, again))
+    # A lossless autoencoder gives back the resized real image; a real one can only lose from it.
+    pipe.vae = _IdentityAutoencoder()
+    lossless = autoencode_samples(pipe, real, 32, 40, 3, IGNORE_INDEX)
+    for sample, original in zip(lossless, real):
+        assert np.abs(np.asarray(sample["image"], np.int16) - np.asarray(original["image"], np.int16)).max() <= 1
+        assert np.array_equal(sample["label"], original["label"])
 
 
 @pytest.mark.parametrize(
@@ -311,7 +362,8 @@ def test_generate_with_evaluate_prints_the_table_at_the_end(workspace, tmp_path,
         torch.set_num_threads(threads)
     results = json.loads((output_dir / "evaluation" / "synthetic_evaluation.json").read_text())
     assert [entry["name"] for entry in results["sets"]] == [
-        "real_source", "real_target", "level:0.0", "level:0.5", "level:1.0", "dataset"
+        "real_source", "real_target", "level:0.0", "level:0.5", "level:1.0", "autoencoded:real_source",
+        "autoencoded:real_target", "dataset"
     ]
     # The u = 0.5 row regenerates the dataset's own images (a constant 0.5 run): the same numbers.
     sets = {entry["name"]: entry for entry in results["sets"]}

@@ -4,7 +4,8 @@
 do they look like the target domain (target likeness), and does the source segmenter find them as uncertain as real
 target images (uncertainty match)? Per uncertainty level: the dataset itself (its own maps, e.g. the bank of real
 target maps) and a few of its samples generated again at constant levels (default 0, 0.5 and 1) with the same label
-maps, seeds and settings. Every measure comes from models trained by the workflow itself (see
+maps, seeds and settings; with those levels, also the held-out real images through the base's autoencoder (the
+ceiling of any image the base generates). Every measure comes from models trained by the workflow itself (see
 `diffusers_uncertainty/synthetic_evaluation.py` and `docs/synthesis.md`).
 
     accelerate launch examples/evaluate_synthetic.py --synthetic_data_dir runs/synthetic \

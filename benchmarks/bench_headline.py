@@ -36,8 +36,8 @@ It writes `<work_dir>/results.md` (mean and sample standard deviation over the s
 over the classes labeled in target/val, target pixel accuracy and source/val mIoU per row; the best uncertainty-aware
 row, ranked on the labeled-classes mean, against the goal: its difference from photometric (>= +3 points),
 semantic_only (>= +2), fda and, on source/val, source_only (>= -3), mean and per seed; and per-class target IoU of
-source_only, photometric and that row) and `<work_dir>/results.json` (every seed's numbers, and the first seed's
-workflow config).
+source_only, photometric, fda where it ran, and that row) and `<work_dir>/results.json` (every seed's numbers, and the
+first seed's workflow config).
 
 The synthetic-count sweep (`--synthetic_counts 0.5 1 2`): for each seed and each multiple m, the best-candidate recipe
 `synthetic_photometric` (same segmenter budget, same synthetic ratio) is trained again with exactly
@@ -466,6 +466,14 @@ def target_score(targets: list[dict]):
     return lambda target: target["mIoU"]
 
 
+PER_CLASS_BASELINES = ("source_only", "photometric")  # always shown per class, with fda where it ran
+
+
+def per_class_rows(table: dict, best: str) -> list[str]:
+    """The rows the per-class table and figure show: the baselines, fda where it ran, and the best row."""
+    return [*PER_CLASS_BASELINES, *(["fda"] if "fda" in table else []), best]
+
+
 # The headline goal (issue 12): (baseline row, split, least difference best - baseline in mIoU points, or None where
 # the issue asks for the comparison without a threshold). Source/val may fall at most 3 points below source only.
 GOALS = (("photometric", "target", 3.0), ("semantic_only", "target", 2.0), ("fda", "target", None),
@@ -540,8 +548,8 @@ def summarize(args, table: dict, sweep: dict | None = None) -> str:
         )
     best = best_uncertainty_aware(table)
     lines += goal_lines(table, best)
-    if best is not None and "source_only" in table and "photometric" in table:
-        shown = ["source_only", "photometric", *(["fda"] if "fda" in table else []), best]
+    if best is not None and all(row in table for row in PER_CLASS_BASELINES):
+        shown = per_class_rows(table, best)
         classes = [entry["class"] for entry in next(iter(table["source_only"].values()))["target"]["per_class"]]
         lines += ["", f"Per-class target/val IoU (mean over seeds): source_only, photometric, fda (where run) and the best "
                       f"uncertainty-aware row ({best}; ranked on the labeled-classes mean).", "",

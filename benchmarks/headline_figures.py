@@ -53,7 +53,6 @@ NEAREST_METRIC = (
     "L2 distance between RGB arrays in [0, 1] of the generated image at uncertainty 1 and each real image, both resized "
     f"(bilinear, antialiased) to the generated image's aspect ratio with a {NEAREST_SHORT_SIDE}-pixel short side"
 )
-PER_CLASS_BASELINES = ("source_only", "photometric")
 
 
 def parse_args(input_args=None):
@@ -138,17 +137,17 @@ def _mean_sd(values: list[float]) -> dict:
 def per_class_summary(results: dict) -> tuple[dict | None, str | None]:
     r"""
     Per-class target/val IoU (%) of source_only, photometric, fda (where it ran) and the best uncertainty-aware row:
-    `({"rows", "classes", "values": {row: [{"class", "mean", "sd", "n", "values"} ...]}}, None)`, or `(None, reason)`. A class
-    a seed's evaluation has no IoU for (absent from target/val) is left out of that class's mean; with no IoU at all
-    its mean and sd are `None`.
+    `({"rows", "classes", "values": {row: [{"class", "mean", "sd", "n", "values"} ...]}}, None)`, or
+    `(None, reason)`. A class a seed's evaluation has no IoU for (absent from target/val) is left out of that class's
+    mean; with no IoU at all its mean and sd are `None`.
     """
     table = results["table"]
     best = results.get("best_uncertainty_aware") or bench_headline.best_uncertainty_aware(table)
-    missing = [row for row in PER_CLASS_BASELINES if row not in table]
+    missing = [row for row in bench_headline.PER_CLASS_BASELINES if row not in table]
     if best is None or missing:
         return None, (f"expected finished evaluations of {', '.join(missing + ([] if best else ['an uncertainty-aware row']))} "
                       "in results.json, got none")
-    rows = [*PER_CLASS_BASELINES, *(["fda"] if "fda" in table else []), best]
+    rows = bench_headline.per_class_rows(table, best)
     classes = [entry["class"] for entry in next(iter(table[rows[0]].values()))["target"]["per_class"]]
     values = {}
     for row in rows:

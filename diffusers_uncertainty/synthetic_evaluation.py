@@ -649,9 +649,9 @@ def evaluate_synthetic_dataset(
             Context of the segmenters' forward passes (e.g. `accelerator.autocast`).
         pipeline ([`StableDiffusionDualControlPipeline`], *optional*):
             The pipeline the dataset was generated with, if already loaded; otherwise loaded from the settings when
-            there are `uncertainty_levels`. Whenever a pipeline is at hand, the held-out real images are also measured
-            after its autoencoder ([`autoencode_samples`]: the sets `autoencoded:real_source`,
-            `autoencoded:real_target`).
+            there are `uncertainty_levels`. Whenever a pipeline is at hand and the dataset has its
+            `generation_config.json` (the generated size), the held-out real images are also measured after its
+            autoencoder ([`autoencode_samples`]: the sets `autoencoded:real_source`, `autoencoded:real_target`).
         pipeline_dtype (`torch.dtype`, defaults to `torch.float32`):
             Weights' dtype when the pipeline is loaded here.
         echo (`Callable`, defaults to `print`):

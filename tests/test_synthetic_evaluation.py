@@ -5,6 +5,7 @@ reproduce the dataset's own images, and bad arguments fail before any work.
 """
 
 import json
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -270,29 +271,16 @@ def test_script_generates_the_levels_and_uses_the_target_segmenter(workspace, tm
     assert f"| real target (held-out, through the base's autoencoder) | {counts['real_target']} |" in table
 
 
-class _IdentityLatents:
-    def __init__(self, pixels):
-        self.pixels = pixels
-
-    def mode(self):
-        return self.pixels
-
-
-class _IdentityAutoencoder(nn.Module):
+class _IdentityAutoencoder:
     """Latents are the pixels: what comes out of `autoencode_samples` is then the resized real image itself."""
 
-    def __init__(self):
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(1))  # device and dtype
-
-    device = property(lambda self: self.anchor.device)
-    dtype = property(lambda self: self.anchor.dtype)
+    device, dtype = torch.device("cpu"), torch.float32
 
     def encode(self, pixels):
-        return type("Encoded", (), {"latent_dist": _IdentityLatents(pixels)})()
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: pixels))
 
     def decode(self, latents):
-        return type("Decoded", (), {"sample": latents})()
+        return SimpleNamespace(sample=latents)
 
 
 def test_autoencoded_samples_are_labeled_like_generated_ones_and_bounded_by_the_autoencoder(domains):

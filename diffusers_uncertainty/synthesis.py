@@ -777,6 +777,7 @@ def generate_batch(
     guidance_scale: float,
     semantic_conditioning_scale: float = 1.0,
     uncertainty_conditioning_scale: float = 1.0,
+    uncertainty_guidance_scale: float = 1.0,
     style_images: list[list[PIL.Image.Image]] | None = None,
     style_guidance_scale: float = 1.0,
     control_guidance_start: float | tuple[float, float] = 0.0,
@@ -801,7 +802,7 @@ def generate_batch(
         prompt (`str`):
             The prompt, shared by the batch.
         num_inference_steps (`int`), guidance_scale (`float`), semantic_conditioning_scale (`float`),
-        uncertainty_conditioning_scale (`float`):
+        uncertainty_conditioning_scale (`float`), uncertainty_guidance_scale (`float`, defaults to 1.0):
             Passed to the pipeline.
         style_images (`list[list[PIL.Image.Image]]`, *optional*):
             One style set per sample (needs a pipeline with a `style_encoder`).
@@ -844,6 +845,7 @@ def generate_batch(
         generator=generators,
         semantic_conditioning_scale=semantic_conditioning_scale,
         uncertainty_conditioning_scale=uncertainty_conditioning_scale,
+        uncertainty_guidance_scale=uncertainty_guidance_scale,
         control_guidance_start=control_guidance_start,
         control_guidance_end=control_guidance_end,
         init_image=init_images,
@@ -857,9 +859,10 @@ def generate_batch(
 def dataset_generation_arguments(settings: dict) -> dict:
     r"""
     The [`generate_batch`] keyword arguments a dataset was generated with, from the `settings` of its
-    `generation_config.json` (prompt, steps, guidance, branch scales, control windows, source-image strength), so
-    that its samples can be generated again alike (at other uncertainty levels, for the evaluation and the figures).
-    Settings written before the windows and the strength existed get their defaults.
+    `generation_config.json` (prompt, steps, guidance, branch scales, uncertainty guidance, control windows,
+    source-image strength), so that its samples can be generated again alike (at other uncertainty levels, for the
+    evaluation and the figures). Settings written before the windows, the strength and the uncertainty guidance
+    existed get their defaults.
 
     Args:
         settings (`dict`):
@@ -874,6 +877,7 @@ def dataset_generation_arguments(settings: dict) -> dict:
         values = settings.get(name) or [0.0 if name.endswith("start") else 1.0]
         arguments[name] = (values[0], values[-1])  # one value: both branches; two: (semantic, uncertainty)
     arguments["strength"] = settings.get("source_image_strength", 1.0)
+    arguments["uncertainty_guidance_scale"] = settings.get("uncertainty_guidance_scale", 1.0)
     return arguments
 
 

@@ -104,6 +104,7 @@ CONTENT_ARGUMENTS = (
     "guidance_scale",
     "semantic_conditioning_scale",
     "uncertainty_conditioning_scale",
+    "uncertainty_guidance_scale",
     "control_guidance_start",
     "control_guidance_end",
     "source_image_strength",
@@ -129,7 +130,7 @@ def redact_token(argv: list[str]) -> list[str]:
 
 WINDOW_DEFAULTS = {"control_guidance_start": [0.0], "control_guidance_end": [1.0]}
 # Settings added after the first runs, with the value those runs used (so that they can be resumed).
-LATER_DEFAULTS = {**WINDOW_DEFAULTS, "source_image_strength": 1.0}
+LATER_DEFAULTS = {**WINDOW_DEFAULTS, "source_image_strength": 1.0, "uncertainty_guidance_scale": 1.0}
 
 
 def control_window(values: list[float]) -> tuple[float, float]:
@@ -222,6 +223,9 @@ def build_parser():
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     parser.add_argument("--semantic_conditioning_scale", type=float, default=1.0, help="Semantic control weight.")
     parser.add_argument("--uncertainty_conditioning_scale", type=float, default=1.0, help="Uncertainty control weight.")
+    parser.add_argument("--uncertainty_guidance_scale", type=float, default=1.0,
+                        help="Guidance towards the uncertainty map against a zero map, in the prediction (the "
+                             "pipeline's `uncertainty_guidance_scale`): 1 is off; above 1, one more branch per step.")
     parser.add_argument("--control_guidance_start", type=float, nargs="+", default=WINDOW_DEFAULTS["control_guidance_start"],
                         help="Fraction of the steps after which the controls start acting: one value, or two "
                              "(semantic, uncertainty), e.g. `0 0.4` to add the uncertainty control once the layout is set.")
@@ -326,6 +330,18 @@ def parse_args(input_args=None):
                 f"`--control_guidance_start` and `--control_guidance_end` must satisfy 0 <= start < end <= 1 for "
                 f"every branch, but the {branch} branch got start={start} and end={end}."
             )
+    if not 0.0 <= args.uncertainty_guidance_scale < float("inf"):
+        raise ValueError(f"`--uncertainty_guidance_scale` must be a finite number >= 0, but got {args.uncertainty_guidance_scale}.")
+    if args.uncertainty_guidance_scale != 1.0:
+        if args.uncertainty_bank is None and args.uncertainty_level is None:
+            raise ValueError("`--uncertainty_guidance_scale` guides towards the uncertainty maps; pass "
+                             "`--uncertainty_bank` or `--uncertainty_level` to use it.")
+        if args.uncertainty_conditioning_scale == 0:
+            raise ValueError("`--uncertainty_guidance_scale` needs the uncertainty control, but "
+                             "`--uncertainty_conditioning_scale` is 0.")
+        if args.style_guidance_scale > 1.0:
+            raise ValueError("`--uncertainty_guidance_scale` cannot be combined with `--style_guidance_scale` > 1; set "
+                             "one of them to 1.")
     if args.resolution is not None:
         if len(args.resolution) not in (1, 2):
             raise ValueError(f"`--resolution` takes SIZE or HEIGHT WIDTH, but got {len(args.resolution)} values.")
@@ -557,6 +573,7 @@ def main(args):
         "guidance_scale": args.guidance_scale,
         "semantic_conditioning_scale": args.semantic_conditioning_scale,
         "uncertainty_conditioning_scale": 0.0 if uncertainty_off else args.uncertainty_conditioning_scale,
+        "uncertainty_guidance_scale": args.uncertainty_guidance_scale,
         "control_guidance_start": control_window(args.control_guidance_start),
         "control_guidance_end": control_window(args.control_guidance_end),
         "strength": args.source_image_strength,

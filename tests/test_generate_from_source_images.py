@@ -100,17 +100,18 @@ def test_generation_arguments_of_a_dataset_and_their_defaults_for_older_settings
     settings = {"prompt": "p", "num_inference_steps": 4, "guidance_scale": 2.0, "semantic_conditioning_scale": 1.0,
                 "uncertainty_conditioning_scale": 0.5, "control_guidance_start": [0.0, 0.4],
                 "control_guidance_end": [1.0], "source_image_strength": 0.6, "label_dir": str(workspace / "labeled"),
-                "max_labels": 1}
+                "max_labels": 1, "uncertainty_guidance_scale": 2.5}
     assert dataset_generation_arguments(settings) == {
         "prompt": "p", "num_inference_steps": 4, "guidance_scale": 2.0, "semantic_conditioning_scale": 1.0,
         "uncertainty_conditioning_scale": 0.5, "control_guidance_start": (0.0, 0.4), "control_guidance_end": (1.0, 1.0),
-        "strength": 0.6,
+        "strength": 0.6, "uncertainty_guidance_scale": 2.5,
     }
     assert dataset_source_images(settings) == [workspace / "labeled" / "images" / "frame_0.jpg"]
     older = {key: settings[key] for key in ("prompt", "num_inference_steps", "guidance_scale",
                                             "semantic_conditioning_scale", "uncertainty_conditioning_scale")}
     assert dataset_generation_arguments(older)["control_guidance_start"] == (0.0, 0.0)
     assert dataset_generation_arguments(older)["strength"] == 1.0 and dataset_source_images(older) is None
+    assert dataset_generation_arguments(older)["uncertainty_guidance_scale"] == 1.0
 
 
 def test_label_maps_are_paired_with_their_images_by_name(workspace, tmp_path):

@@ -327,28 +327,37 @@ def test_dataset_source_with_constant_level_and_scaled_bank(workspace, tmp_path,
         np.testing.assert_allclose(stored, expected, atol=1e-4)
 
 
-def test_control_windows_reach_the_pipeline_and_are_recorded(workspace, tmp_path, one_thread):
-    # The uncertainty control only in the second of 2 steps (semantic in both): each stored image is what a direct
-    # pipeline call with that window gives, and not what the call without it gives.
+@pytest.mark.parametrize(
+    "flags, setting, recorded",
+    [
+        # The uncertainty control only in the second of 2 steps (semantic in both).
+        (["--control_guidance_start", 0, 0.5], {"control_guidance_start": (0.0, 0.5)},
+         {"control_guidance_start": [0.0, 0.5], "control_guidance_end": [1.0]}),
+        # A large scale: the tiny model's uncertainty control moves a 2-step image by about one grey level.
+        (["--uncertainty_guidance_scale", 20.0], {"uncertainty_guidance_scale": 20.0}, {"uncertainty_guidance_scale": 20.0}),
+    ],
+    ids=["control_windows", "uncertainty_guidance"],
+)
+def test_generation_settings_reach_the_pipeline_and_are_recorded(workspace, tmp_path, one_thread, flags, setting, recorded):
+    # Each stored image is what a direct pipeline call with the setting gives, and not what the call without it gives.
     script = load_script()
-    output_dir = tmp_path / "window"
-    script.main(script.parse_args(base_args(workspace, output_dir, "--max_labels", 1, "--samples_per_label", 2,
-                                            "--control_guidance_start", 0, 0.5)))
+    output_dir = tmp_path / "setting"
+    script.main(script.parse_args(base_args(workspace, output_dir, "--max_labels", 1, "--samples_per_label", 2, *flags)))
     settings = json.loads((output_dir / "generation_config.json").read_text())["settings"]
-    assert settings["control_guidance_start"] == [0.0, 0.5] and settings["control_guidance_end"] == [1.0]
+    assert {key: settings[key] for key in recorded} == recorded
     pipeline = StableDiffusionDualControlPipeline.from_pretrained(workspace / "pipeline")
     pipeline.set_progress_bar_config(disable=True)
     for row in datasets.load_from_disk(str(output_dir)):
         images = {}
-        for window in ((0.0, 0.5), 0.0):
-            images[window] = np.asarray(pipeline(
+        for name, kwargs in (("with", setting), ("without", {})):
+            images[name] = np.asarray(pipeline(
                 row["prompt"], semantic_map=np.asarray(row["label"]).astype(np.int64), uncertainty_map=row["uncertainty"],
                 num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
-                control_guidance_start=window, generator=[torch.Generator().manual_seed(row["seed"])],
+                generator=[torch.Generator().manual_seed(row["seed"])], **kwargs,
             ).images[0]).astype(int)
         stored = np.asarray(row["image"]).astype(int)
-        assert np.abs(images[(0.0, 0.5)] - stored).max() <= 1  # up to float rounding of another batch size
-        assert np.abs(images[0.0] - stored).max() > 1
+        assert np.abs(images["with"] - stored).max() <= 1  # up to float rounding of another batch size
+        assert np.abs(images["without"] - stored).max() > 1
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -362,6 +371,9 @@ def test_control_windows_reach_the_pipeline_and_are_recorded(workspace, tmp_path
                                                           r"uncertainty\), but got 3 values"),
         (["--control_guidance_start", "0", "0.6", "--control_guidance_end", "1", "0.6"],
          r"must satisfy 0 <= start < end <= 1 for every branch, but the uncertainty branch got start=0.6 and end=0.6"),
+        (["--uncertainty_guidance_scale", "-0.5"], r"`--uncertainty_guidance_scale` must be a finite number >= 0, but got -0.5"),
+        (["--uncertainty_guidance_scale", "2", "--uncertainty_conditioning_scale", "0"],
+         r"`--uncertainty_guidance_scale` needs the uncertainty control, but `--uncertainty_conditioning_scale` is 0"),
     ],
 )
 def test_bad_arguments_are_rejected_by_parse_args(workspace, tmp_path, extra, message):

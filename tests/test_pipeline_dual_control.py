@@ -121,6 +121,11 @@ def test_model_cpu_offload_gives_the_same_image(tiny_pipeline):
         (dict(uncertainty_map=0.5, height=20), "`height` must be divisible by 8, but got 20"),
         (dict(uncertainty_map=0.5, control_guidance_start=(0.5, 0.0), control_guidance_end=(0.4, 1.0)), "0 <= start < end <= 1"),
         (dict(uncertainty_map=0.5, prompt=None), "Pass `prompt` or `prompt_embeds`"),
+        (dict(uncertainty_map=0.5, uncertainty_guidance_scale=-1.0), r"`uncertainty_guidance_scale` must be a finite number >= 0, but got -1.0"),
+        (dict(uncertainty_map=0.5, uncertainty_guidance_scale=float("nan")), r"`uncertainty_guidance_scale` must be a finite number >= 0, but got nan"),
+        (dict(semantic_map=torch.zeros(16, 16, dtype=torch.long), uncertainty_guidance_scale=2.0), r"`uncertainty_guidance_scale` is 2.0, but no `uncertainty_map` was given"),
+        (dict(uncertainty_map=0.5, uncertainty_conditioning_scale=0.0, uncertainty_guidance_scale=2.0), r"but `uncertainty_conditioning_scale` is 0: the uncertainty control is off"),
+        (dict(uncertainty_map=0.5, guess_mode=True, uncertainty_guidance_scale=2.0), r"`uncertainty_guidance_scale` \(2.0\) cannot be combined with `guess_mode`"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_work(tiny_pipeline, kwargs, message):
@@ -132,6 +137,70 @@ def test_bad_input_is_a_clear_error_before_any_work(tiny_pipeline, kwargs, messa
     with pytest.raises(ValueError, match=message):
         tiny_pipeline(**arguments)
     assert calls == []
+
+
+def _record_guidance_batch(pipeline):
+    """The uncertainty condition embedded for the call, the UNet's output and the scheduler's input of every step."""
+    seen = {"uncertainty": [], "unet": [], "model_output": []}
+    controlnet = pipeline.controlnet
+    embed_conditions = controlnet.embed_conditions
+
+    def recording_embed_conditions(conditions, scales):
+        seen["uncertainty"].append(conditions[1].clone())
+        return embed_conditions(conditions, scales)
+
+    controlnet.embed_conditions = recording_embed_conditions
+    pipeline.unet.register_forward_hook(lambda module, args, output: seen["unet"].append(output[0].clone()))
+    step = pipeline.scheduler.step
+
+    def recording_step(model_output, *args, **kwargs):
+        seen["model_output"].append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    pipeline.scheduler.step = recording_step
+    return seen
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0], ids=["with_cfg", "without_cfg"])
+def test_uncertainty_guidance_adds_a_zero_map_branch_and_combines_it_as_documented(tiny_pipeline, guidance_scale):
+    labels = _labels()
+    seen = _record_guidance_batch(tiny_pipeline)
+    plain = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.7, guidance_scale=guidance_scale)
+    # At 1.0 (the default) nothing is added: the same call, the same batch.
+    assert (_run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.7, guidance_scale=guidance_scale,
+                 uncertainty_guidance_scale=1.0).images == plain.images).all()
+    plain_batch = seen["unet"][0].shape[0]
+    assert plain_batch == (2 if guidance_scale > 1 else 1)
+    for values in seen.values():
+        values.clear()
+    guided = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.7, guidance_scale=guidance_scale,
+                  uncertainty_guidance_scale=2.5)
+    assert not np.allclose(guided.images, plain.images)
+    # One more branch, last, seeing the zero map; the others see the map.
+    (condition,) = seen["uncertainty"]
+    branches = condition.chunk(plain_batch + 1)
+    assert all(torch.equal(branch, torch.full_like(branch, 0.7)) for branch in branches[:-1])
+    assert torch.equal(branches[-1], torch.zeros_like(branches[-1]))
+    # e = e_guided + (s_u - 1) * (e(text, map) - e(text, zero map)), e_guided the usual (guided) prediction.
+    for output, model_output in zip(seen["unet"], seen["model_output"]):
+        predictions = output.chunk(plain_batch + 1)
+        usual = predictions[0] if plain_batch == 1 else predictions[0] + guidance_scale * (predictions[1] - predictions[0])
+        assert torch.equal(model_output, usual + 1.5 * (predictions[-2] - predictions[-1]))
+    assert len(seen["model_output"]) == 3
+
+
+def test_uncertainty_guidance_is_neutral_at_the_zero_map_and_at_zero_equals_the_zero_map(tiny_pipeline):
+    labels = _labels()
+    # The map equals the reference: the guidance term vanishes.
+    at_zero_map = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.0).images
+    guided = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.0, uncertainty_guidance_scale=4.0).images
+    np.testing.assert_allclose(guided, at_zero_map, atol=1e-5)
+    # Scale 0 without classifier-free guidance: e(text, zero map) + 0 * (...), i.e. the zero map's image.
+    plain_zero = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.0, guidance_scale=1.0).images
+    none_of_it = _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.9, guidance_scale=1.0,
+                      uncertainty_guidance_scale=0.0).images
+    np.testing.assert_allclose(none_of_it, plain_zero, atol=1e-5)
+    assert not np.allclose(plain_zero, _run(tiny_pipeline, semantic_map=labels, uncertainty_map=0.9, guidance_scale=1.0).images)
 
 
 def test_a_controlnet_that_is_not_dual_is_refused(tiny_components):

@@ -91,18 +91,19 @@ def test_style_images_change_the_image_and_different_styles_give_different_image
     assert (_run(pipeline, style_images=_style_set(1)) == style_a).all()
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_style_tokens_reach_the_unet_and_both_controls_in_concat_mode(guidance_scale):
+@pytest.mark.parametrize("guidance_scale, uncertainty_guidance_scale", [(1.0, 1.0), (3.0, 1.0), (3.0, 2.0)])
+def test_style_tokens_reach_the_unet_and_both_controls_in_concat_mode(guidance_scale, uncertainty_guidance_scale):
     encoder = _style_encoder()
     pipeline = _pipeline(style_encoder=encoder)
     seen = _capture_hidden_states(pipeline)
     style = _style_set(1)
-    _run(pipeline, style_images=style, guidance_scale=guidance_scale)
+    _run(pipeline, style_images=style, guidance_scale=guidance_scale, uncertainty_guidance_scale=uncertainty_guidance_scale)
     from diffusers_uncertainty.models import prepare_style_images
 
     with torch.no_grad():
         expected = encoder(prepare_style_images(style, 3, 16)[None]).style_embeds[0]
-    branches = 2 if guidance_scale > 1 else 1
+    # [negative, text] with classifier-free guidance, and one more text branch (the zero map) with uncertainty guidance
+    branches = (2 if guidance_scale > 1 else 1) + int(uncertainty_guidance_scale != 1.0)
     assert len(seen["unet"]) == 2 and len(seen["controlnet"]) == 2 * 2  # 2 steps; 2 control branches per step
     for states in seen["unet"] + seen["controlnet"]:
         assert states.shape == (branches, TEXT_TOKENS + STYLE_TOKENS, 32)
@@ -190,6 +191,7 @@ def test_pipeline_with_a_style_encoder_saves_and_loads_through_both_loaders(tmp_
         (True, dict(style_guidance_scale=2.0), r"`style_guidance_scale` is 2.0, but no `style_images` were given"),
         (True, dict(style_images=[_style_set(1)] * 3, prompt=["a", "b"]), r"`style_images` holds 3 sets \(one per prompt\), but there are 2 prompts"),
         (True, dict(style_images=_style_set(1), guess_mode=True, guidance_scale=3.0, style_guidance_scale=2.0), r"`guess_mode` cannot be combined"),
+        (True, dict(style_images=_style_set(1), style_guidance_scale=2.0, uncertainty_guidance_scale=2.0), r"`uncertainty_guidance_scale` \(2.0\) cannot be combined with `style_guidance_scale` > 1"),
     ],
 )
 def test_bad_style_input_is_a_clear_error_before_any_work(with_encoder, kwargs, message):

@@ -293,6 +293,34 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     + "."
                 )
 
+    def check_uncertainty_guidance(
+        self, uncertainty_guidance_scale, uncertainty, uncertainty_conditioning_scale, guide_style: bool, guess_mode: bool
+    ) -> None:
+        r"""
+        Validate `uncertainty_guidance_scale` of `__call__` (other than 1.0) before any work (`uncertainty`: the
+        prepared uncertainty map or `None`).
+        """
+        value = uncertainty_guidance_scale
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0 or value == float("inf"):
+            raise ValueError(f"`uncertainty_guidance_scale` must be a finite number >= 0, but got {value!r}.")
+        if uncertainty is None:
+            raise ValueError(
+                f"`uncertainty_guidance_scale` is {value}, but no `uncertainty_map` was given; it guides towards the "
+                "uncertainty map."
+            )
+        if uncertainty_conditioning_scale == 0:
+            raise ValueError(
+                f"`uncertainty_guidance_scale` is {value}, but `uncertainty_conditioning_scale` is 0: the uncertainty "
+                "control is off, so there is nothing to guide."
+            )
+        if guide_style:
+            raise ValueError(
+                f"`uncertainty_guidance_scale` ({value}) cannot be combined with `style_guidance_scale` > 1; set one "
+                "of them to 1."
+            )
+        if guess_mode:
+            raise ValueError(f"`uncertainty_guidance_scale` ({value}) cannot be combined with `guess_mode`.")
+
     def check_image_inputs(self, init_image, strength, latents, num_steps: int) -> None:
         r"""
         Validate `init_image` and `strength` of `__call__` before any work (`num_steps`: the length of the schedule).
@@ -440,6 +468,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         cross_attention_kwargs: dict[str, Any] | None = None,
         semantic_conditioning_scale: float = 1.0,
         uncertainty_conditioning_scale: float = 1.0,
+        uncertainty_guidance_scale: float = 1.0,
         guess_mode: bool = False,
         control_guidance_start: float | tuple[float, float] = 0.0,
         control_guidance_end: float | tuple[float, float] = 1.0,
@@ -503,6 +532,17 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 Weight of the semantic control's residuals.
             uncertainty_conditioning_scale (`float`, defaults to 1.0):
                 Weight of the uncertainty control's residuals.
+            uncertainty_guidance_scale (`float`, defaults to 1.0):
+                Guidance towards the `uncertainty_map`, against a zero map (the control's "familiar to the segmenter"
+                condition), as classifier-free guidance is towards the prompt: one more branch in the guidance batch
+                sees the text and the zero map, and `e = e_guided + (uncertainty_guidance_scale - 1) * (e(text, map) -
+                e(text, zero map))`, where `e_guided` is the usual prediction (with `guidance_scale` > 1, `e(neg, map) +
+                guidance_scale * (e(text, map) - e(neg, map))`; else `e(text, map)`). At 1.0 nothing changes and no
+                branch is added; above 1 the step moves further in the direction the uncertainty control moves it,
+                in the prediction rather than in the controls' residuals (`uncertainty_conditioning_scale`); between
+                0 and 1 it moves less (at 0 without `guidance_scale`: exactly the zero map). Needs an
+                `uncertainty_map` and a non-zero `uncertainty_conditioning_scale`; not combined with `guess_mode` or
+                with `style_guidance_scale` > 1. Costs one more UNet and control pass per step for every image.
             guess_mode (`bool`, defaults to `False`):
                 The controls see only the conditional half of the classifier-free-guidance batch (diffusers'
                 ControlNet guess mode).
@@ -646,12 +686,18 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 "generator per image."
             )
         guide_style = style_sets is not None and style_guidance_scale > 1.0
-        # Branches of the guidance batch: [uncond, cond] as in diffusers, one more for separate style guidance.
-        num_branches = 1 + int(self.do_classifier_free_guidance) + int(guide_style)
-        if guess_mode and num_branches == 3:
+        guide_uncertainty = uncertainty_guidance_scale != 1.0
+        # Branches of the guidance batch: [uncond, cond] as in diffusers, one more for separate style guidance, one
+        # more (last) for uncertainty guidance.
+        num_branches = 1 + int(self.do_classifier_free_guidance) + int(guide_style) + int(guide_uncertainty)
+        if guess_mode and guide_style and self.do_classifier_free_guidance:
             raise ValueError(
                 "`guess_mode` cannot be combined with `style_guidance_scale` > 1 and `guidance_scale` > 1 (three "
                 "guidance branches); set one of the scales to 1."
+            )
+        if guide_uncertainty:
+            self.check_uncertainty_guidance(
+                uncertainty_guidance_scale, uncertainty, uncertainty_conditioning_scale, guide_style, guess_mode
             )
 
         # 2. Encode the prompt (StableDiffusionControlNetPipeline.encode_prompt).
@@ -670,8 +716,9 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             clip_skip=self.clip_skip,
         )
         if style_sets is None:
-            if self.do_classifier_free_guidance:
-                prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            branches = [negative_prompt_embeds] if self.do_classifier_free_guidance else []
+            branches += [prompt_embeds] * (1 + int(guide_uncertainty))
+            prompt_embeds = torch.cat(branches) if len(branches) > 1 else prompt_embeds
         else:
             # Style tokens join the text embeddings of every branch; the null style stands for "no style".
             style_embeds = self.encode_style(style_sets, batch_size, num_images_per_prompt, device)
@@ -682,7 +729,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 branches.append(combine_text_and_style(negative_prompt_embeds, null_style if guide_style else style_embeds, mode))
             if guide_style:
                 branches.append(combine_text_and_style(prompt_embeds, null_style, mode))
-            branches.append(combine_text_and_style(prompt_embeds, style_embeds, mode))
+            branches += [combine_text_and_style(prompt_embeds, style_embeds, mode)] * (1 + int(guide_uncertainty))
             prompt_embeds = torch.cat(branches)
 
         # IP-Adapter image embeddings, for the UNet only (as in StableDiffusionControlNetPipeline), in the order of
@@ -692,9 +739,10 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             image_embeds = self.prepare_ip_adapter_image_embeds(
                 ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
             )
+            # Every branch after the first (unconditional) one is conditional: [neg, image, image] or [image, image].
             if num_branches == 3:
                 image_embeds = [torch.cat([*embeds.chunk(2), embeds.chunk(2)[1]]) for embeds in image_embeds]
-            elif num_branches == 2 and not self.do_classifier_free_guidance:  # style guidance alone: [null, style]
+            elif num_branches == 2 and not self.do_classifier_free_guidance:
                 image_embeds = [torch.cat([embeds, embeds]) for embeds in image_embeds]
             added_cond_kwargs = {"image_embeds": image_embeds}
 
@@ -720,7 +768,12 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
         offload_hook = getattr(controlnet, "_hf_hook", None)
         if offload_hook is not None:
             offload_hook.pre_forward(controlnet)  # model CPU offload: weights onto the device, as a forward does
-        controlnet_cond = controlnet.embed_conditions([expand(one_hot), expand(uncertainty)], base_scales)
+        uncertainty_condition = expand(uncertainty)
+        if guide_uncertainty:  # the last branch sees the zero map
+            branches = list(uncertainty_condition.chunk(num_branches))
+            branches[-1] = torch.zeros_like(branches[-1])
+            uncertainty_condition = torch.cat(branches)
+        controlnet_cond = controlnet.embed_conditions([expand(one_hot), uncertainty_condition], base_scales)
 
         # 4. Timesteps and 5. latents.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
@@ -792,18 +845,25 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     mid_block_additional_residual=mid_block_res_sample,
                     return_dict=False,
                 )[0]
-                if num_branches == 3:
-                    noise_pred_uncond, noise_pred_null_style, noise_pred_style = noise_pred.chunk(3)
+                predictions = noise_pred.chunk(num_branches)
+                if guide_uncertainty:
+                    predictions, noise_pred_zero_map = predictions[:-1], predictions[-1]
+                if len(predictions) == 3:
+                    noise_pred_uncond, noise_pred_null_style, noise_pred_style = predictions
                     noise_pred = (
                         noise_pred_uncond
                         + self.guidance_scale * (noise_pred_null_style - noise_pred_uncond)
                         + style_guidance_scale * (noise_pred_style - noise_pred_null_style)
                     )
-                elif num_branches == 2:
+                elif len(predictions) == 2:
                     # [uncond, cond] in diffusers' order; the guided condition is the text, or the style alone.
                     scale = self.guidance_scale if self.do_classifier_free_guidance else style_guidance_scale
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred_uncond, noise_pred_text = predictions
                     noise_pred = noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
+                else:
+                    noise_pred = predictions[0]
+                if guide_uncertainty:
+                    noise_pred = noise_pred + (uncertainty_guidance_scale - 1.0) * (predictions[-1] - noise_pred_zero_map)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

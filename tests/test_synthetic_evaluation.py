@@ -5,6 +5,8 @@ reproduce the dataset's own images, and bad arguments fail before any work.
 """
 
 import json
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -405,3 +407,40 @@ def test_workflow_plans_the_stage_after_every_segmenter_with_the_photometric_one
     assert args["target_segmenter"] is None  # no photometric variant: the table says so
     # A variant named `synthetic` (as in the CamVid config) keeps its own evaluation folders.
     assert len({stage.output for stage in stages}) == len(stages)
+
+
+def test_dial_benchmark_pairs_every_setting_with_the_datasets_own(workspace, tmp_path):
+    """benchmarks/bench_uncertainty_dial.py on a run laid out as the workflow lays it out: a setting equal to the
+    dataset's own gives the reference row's numbers exactly; another moves the images."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_uncertainty_dial
+
+    run = tmp_path / "run"
+    (run / "segmenters").mkdir(parents=True)
+    (run / "synthetic").symlink_to(workspace["synthetic"], target_is_directory=True)
+    for name in ("photometric", "source_only"):
+        (run / "segmenters" / name).symlink_to(workspace["segmenter"], target_is_directory=True)
+    script = load_example("evaluate_synthetic")
+    script.main(script.parse_args(base_args(workspace, run / "synthetic_evaluation", "--uncertainty_levels")))
+    with pytest.raises(ValueError, match=r"`--settings` takes name=value pairs with a name among .*, but got 'strength=2'"):
+        bench_uncertainty_dial.parse_args(["--run_dir", str(run), "--output_dir", str(tmp_path), "--settings", "strength=2"])
+    with pytest.raises(ValueError, match=r"`--run_dir` .* is not a finished workflow run with a synthetic evaluation"):
+        bench_uncertainty_dial.parse_args(["--run_dir", str(tmp_path), "--output_dir", str(tmp_path)])
+    args = bench_uncertainty_dial.parse_args([
+        "--run_dir", str(run), "--level", "0.5", "--samples", "3", "--batch_size", "2", "--output_dir", str(tmp_path / "dial"),
+        "--settings", "uncertainty_conditioning_scale=1", "uncertainty_guidance_scale=20,guidance_scale=1",
+    ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = bench_uncertainty_dial.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["setting"] for row in rows] == [{}, {"uncertainty_conditioning_scale": 1.0},
+                                                {"uncertainty_guidance_scale": 20.0, "guidance_scale": 1.0}]
+    keys = ("target_share", "mean_target_probability", "fidelity")
+    assert {key: rows[1][key] for key in keys} == {key: rows[0][key] for key in keys}
+    assert rows[2]["mean_target_probability"] != rows[0]["mean_target_probability"]
+    saved = json.loads((tmp_path / "dial" / "dial.json").read_text())
+    assert saved["rows"] == rows and saved["level"] == 0.5
+    assert "| uncertainty_guidance_scale 20, guidance_scale 1 |" in (tmp_path / "dial" / "dial.md").read_text()

@@ -17,14 +17,16 @@ section at the chosen scale):
 | synthetic_photometric_flexseg | the row above + FLEX-Seg losses |
 | synthetic_photometric_filtered | synthetic_photometric on the half of the synthetic samples the photometric segmenter agrees with best (per-image mIoU against the label map: `synthetic_filter`) |
 | synthetic_photometric_filtered_ratio25 | the row above with synthetic ratio 0.25 instead of 0.5 |
+| uncertainty_guided_filtered_ratio25 | synthetic_photometric_filtered_ratio25 on data generated with guidance towards the uncertainty maps (`--uncertainty_guidance_scale S`; the pipeline's `uncertainty_guidance_scale`), the same dual control and maps; run only with that flag or when named in `--rows` |
 | synthetic_fda_filtered_ratio25 | the row above with FDA in place of photometric augmentation (on the real images; the synthetic ones as generated), filtered by the fda segmenter |
 | round 2 | iterative refinement (`refine_rounds: 2`): the round-1 `synthetic_photometric_flexseg` segmenter re-estimates the maps (with `--match_uncertainty`: given round 1's distribution per split), the control is fine-tuned, the data regenerated, the synthetic rows retrained |
 | iccld, iccld_adversarial | the latent-diffusion segmenter on the same base, without / with adversarial alignment (`--iccld`) |
 
 Seeds vary the segmenter training and the generation. One base model, one dual control and one semantic-only control
 serve every seed (the first seed trains them; later seeds link its finished folders, so the workflow skips them). The
-semantic-only and source-image rows are workflow runs of their own per seed (`semantic_only_seed_<k>/`,
-`source_images_seed_<k>/`) that link the base, control and maps they share with the seed's run. All of it is
+semantic-only, source-image and uncertainty-guided rows are workflow runs of their own per seed
+(`semantic_only_seed_<k>/`, `source_images_seed_<k>/`, `uncertainty_guided_seed_<k>/`) that link the base, control,
+maps and segmenters they share with the seed's run. All of it is
 resumable: every stage that finished is skipped on a re-run, so the experiment can continue across sessions
 from its work folder.
 
@@ -103,12 +105,16 @@ ICCLD_ROWS = {
     "iccld_adversarial": {"model": "latent_diffusion", "adversarial_weight": 0.2},
 }
 SOURCE_IMAGES = "source_images_photometric"  # the row generated from the source images (a workflow run of its own)
+UNCERTAINTY_GUIDED = "uncertainty_guided_filtered_ratio25"  # generated with uncertainty guidance (a run of its own)
+# Rows whose data the seed's dual control generates in a workflow run of their own, with other generation settings.
+GENERATED_APART = {SOURCE_IMAGES: "source_images_seed_{seed}", UNCERTAINTY_GUIDED: "uncertainty_guided_seed_{seed}"}
 UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered",
-                     "synthetic_photometric_filtered_ratio25", "synthetic_fda_filtered_ratio25", SOURCE_IMAGES)
+                     "synthetic_photometric_filtered_ratio25", "synthetic_fda_filtered_ratio25", SOURCE_IMAGES,
+                     UNCERTAINTY_GUIDED)
 SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
 REFINE_SEGMENTER = "synthetic_photometric_flexseg"  # its segmenter re-estimates the maps in refinement rounds
 SEMANTIC_ONLY = "semantic_only"  # the row of the semantic-only control (a workflow run of its own per seed)
-SIDE_ROWS = (SEMANTIC_ONLY, SOURCE_IMAGES)
+SIDE_ROWS = (SEMANTIC_ONLY, *GENERATED_APART)
 # Stages whose result every seed shares: trained once, by the first seed.
 SHARED_STAGES = ("base", "control", "uncertainty/source_train", "uncertainty/target_train")  # (+ generated data)
 
@@ -137,8 +143,14 @@ def parse_args(input_args=None):
     parser.add_argument("--source_image_strength", type=float, default=0.5,
                         help=f"The {SOURCE_IMAGES} row's `generate_synthetic_dataset.py --source_image_strength`: the "
                              "fraction of the denoising steps run from each noised source image.")
+    parser.add_argument("--uncertainty_guidance_scale", type=float, default=None,
+                        help=f"Adds the {UNCERTAINTY_GUIDED} row: its data generated with this "
+                             "`generate_synthetic_dataset.py --uncertainty_guidance_scale` (default 2.0 when the row "
+                             "is named in --rows).")
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what has finished.")
     args = parser.parse_args(input_args)
+    if args.uncertainty_guidance_scale is not None and not 0.0 <= args.uncertainty_guidance_scale < math.inf:
+        parser.error(f"--uncertainty_guidance_scale must be a finite number >= 0, got {args.uncertainty_guidance_scale}")
     if not 0.0 < args.source_image_strength < 1.0:
         parser.error(f"--source_image_strength must lie in (0, 1) (1 is the synthetic_photometric row), got "
                      f"{args.source_image_strength}")
@@ -163,6 +175,9 @@ def parse_args(input_args=None):
             if source is not None and source not in args.rows:
                 parser.error(f"--rows names {name}, which keeps the synthetic samples the {source} segmenter agrees "
                              f"with best; add {source} to --rows (a finished one is reused, not retrained)")
+        if UNCERTAINTY_GUIDED in args.rows and "photometric" not in args.rows:
+            parser.error(f"--rows names {UNCERTAINTY_GUIDED}, which keeps the synthetic samples the photometric "
+                         "segmenter agrees with best; add photometric to --rows (a finished one is reused, not retrained)")
         if args.synthetic_counts and SWEEP_RECIPE not in args.rows:
             parser.error(f"--synthetic_counts retrains the {SWEEP_RECIPE} row, which --rows leaves out; add it or "
                          "drop --synthetic_counts")
@@ -192,22 +207,42 @@ def runs_source_images(args) -> bool:
     return args.rows is None or SOURCE_IMAGES in args.rows
 
 
+def runs_uncertainty_guided(args) -> bool:
+    """Only on request: with --uncertainty_guidance_scale, or when --rows names the row."""
+    if args.rows is not None:
+        return UNCERTAINTY_GUIDED in args.rows
+    return args.uncertainty_guidance_scale is not None
+
+
+def generated_apart(args) -> dict:
+    """`{row: (generate args, variant flags)}` of the rows generated apart that this run trains."""
+    selected = {}
+    if runs_source_images(args):
+        selected[SOURCE_IMAGES] = ({"source_image_strength": args.source_image_strength},
+                                   dict(SYNTHETIC, photometric_augmentation=True))
+    if runs_uncertainty_guided(args):
+        scale = 2.0 if args.uncertainty_guidance_scale is None else args.uncertainty_guidance_scale
+        selected[UNCERTAINTY_GUIDED] = ({"uncertainty_guidance_scale": scale},
+                                        dict(ROWS["synthetic_photometric_filtered_ratio25"]))
+    return selected
+
+
 def needs_diffusion(args) -> bool:
     """Whether a row of this run reads the base model (synthetic data, a latent-diffusion segmenter)."""
-    return runs_semantic_only(args) or runs_source_images(args) or any(
+    return runs_semantic_only(args) or bool(generated_apart(args)) or any(
         flags.get("synthetic") or flags.get("model") == "latent_diffusion" for flags in rows(args).values()
     )
 
 
 def main_run_stages(args) -> list[str] | None:
     """The stages of each seed's own workflow run (`None`: all): without a row that reads its generated data, no
-    generation (nor its evaluation and report), and no control unless the source-image row reuses it."""
+    generation (nor its evaluation and report), and no control unless a row generated apart reuses it."""
     if not needs_diffusion(args):
         return ["data", "segmenter", "evaluate"]
     if args.synthetic_counts or any(flags.get("synthetic") for flags in rows(args).values()):
         return None
     stages = ["data", "base", "segmenter", "uncertainty", "evaluate"]
-    if runs_source_images(args):
+    if generated_apart(args):
         stages += ["fda_copies", "control"]
     return stages
 
@@ -378,24 +413,22 @@ def run(args) -> None:
             run_workflow(config, only=[f"{kind}:{name}{end}" for name in variants
                                        for kind, end in (("segmenter", ""), ("evaluate", ":"))])
 
-        if runs_source_images(args):
-            # The same dual control and maps, each sample started from its noised source image.
-            # The photometric segmenter, when this run has one, is the evaluation's target-like segmenter there too.
-            source_images = work / f"source_images_seed_{seed}"
+        for name, (generate_args, flags) in generated_apart(args).items():
+            # The same dual control and maps, other generation settings (each sample started from its noised source
+            # image; guidance towards the uncertainty maps). The photometric segmenter, when this run has one, is the
+            # evaluation's target-like segmenter there too, and the filter's segmenter.
+            side = work / GENERATED_APART[name].format(seed=seed)
             linked = ["base", "control", "segmenters/source_only", "uncertainty/source_train", "uncertainty/target_train"]
             variants = {"source_only": {}}
             if (out / "segmenters" / "photometric" / MARKER).is_file():
                 linked.append("segmenters/photometric")
                 variants["photometric"] = ROWS["photometric"]
-            link_shared(out, source_images, linked)
-            config = workflow_config(
-                args, source_images, seed,
-                {"generate": {"args": {"source_image_strength": args.source_image_strength, **generate_overrides}}},
-                {**variants, SOURCE_IMAGES: dict(SYNTHETIC, photometric_augmentation=True)},
-            )
-            print(f"== seed {seed}, generated from the source images: {source_images}", flush=True)
-            run_workflow(config, only=["base", "segmenter", "uncertainty", "control", "generate",
-                                       f"evaluate:{SOURCE_IMAGES}", "synthetic_evaluation"])
+            link_shared(out, side, linked)
+            config = workflow_config(args, side, seed, {"generate": {"args": {**generate_args, **generate_overrides}}},
+                                     {**variants, name: flags})
+            print(f"== seed {seed}, {name} ({', '.join(f'{k} {v}' for k, v in generate_args.items())}): {side}", flush=True)
+            run_workflow(config, only=["base", "segmenter", "uncertainty", "control", "generate", f"evaluate:{name}",
+                                       "synthetic_evaluation"])
 
         if not runs_semantic_only(args):
             continue
@@ -425,7 +458,8 @@ def collect(args) -> dict:
     for seed in args.seeds:
         folders = {name: work / f"seed_{seed}" / "evaluation" / name for name in rows(args)}
         folders[SEMANTIC_ONLY] = work / f"semantic_only_seed_{seed}" / "evaluation" / SEMANTIC_ONLY
-        folders[SOURCE_IMAGES] = work / f"source_images_seed_{seed}" / "evaluation" / SOURCE_IMAGES
+        for name, folder in GENERATED_APART.items():
+            folders[name] = work / folder.format(seed=seed) / "evaluation" / name
         for round_index in range(2, args.refine_rounds + 1):
             for name in UNCERTAINTY_AWARE:
                 folders[f"{name} (round {round_index})"] = (work / f"seed_{seed}" / "rounds" / f"round_{round_index}" /

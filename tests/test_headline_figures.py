@@ -464,3 +464,50 @@ def test_the_source_image_row_is_a_run_of_its_own_on_the_first_runs_control_and_
         with pytest.raises(SystemExit):
             bench_headline.parse_args(["--work_dir", str(tmp_path), "--source_image_strength", bad])
         assert "--source_image_strength must lie in (0, 1)" in capsys.readouterr().err
+
+
+def test_the_uncertainty_guided_row_runs_on_request_on_the_first_runs_control_maps_and_filter(tmp_path, monkeypatch, capsys):
+    row = bench_headline.UNCERTAINTY_GUIDED
+    default = bench_headline.parse_args(["--work_dir", str(tmp_path)])
+    assert row not in bench_headline.generated_apart(default)  # not in the default table
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "--rows", "source_only",
+                                      "photometric", row, "--refine_rounds", "1", "--uncertainty_guidance_scale", "3"])
+    assert list(bench_headline.generated_apart(args)) == [row]
+    assert bench_headline.main_run_stages(args)[-2:] == ["fda_copies", "control"]
+    calls = []
+
+    def fake_run_workflow(config, only=None):
+        calls.append((config, only))
+        out = Path(config["output_dir"])
+        if out.name == "seed_0":
+            for stage in ("base", "control", "segmenters/source_only", "segmenters/photometric",
+                          "uncertainty/source_train", "uncertainty/target_train"):
+                (out / stage).mkdir(parents=True, exist_ok=True)
+                (out / stage / MARKER).write_text("{}")
+        return out
+
+    monkeypatch.setattr(bench_headline, "run_workflow", fake_run_workflow)
+    bench_headline.run(args)
+    (_, _), (side_config, side_only) = calls
+    side = tmp_path / "uncertainty_guided_seed_0"
+    assert side_config["output_dir"] == str(side) and f"evaluate:{row}" in side_only
+    assert side_config["variants"][row] == bench_headline.ROWS["synthetic_photometric_filtered_ratio25"]
+    stages = {stage.name: stage for stage in plan(side_config)}
+    assert stages["generate"].args["uncertainty_guidance_scale"] == 3.0
+    assert stages["generate"].args["controlnet_model_name_or_path"] == side / "control"
+    # The filter reads the seed's photometric segmenter, linked into the side run.
+    assert stages[f"segmenter:{row}"].args["synthetic_filter_model"] == side / "segmenters" / "photometric"
+    assert (side / "segmenters" / "photometric").resolve() == (tmp_path / "seed_0" / "segmenters" / "photometric").resolve()
+    # Its evaluation is collected as an uncertainty-aware row.
+    for split, value in (("target_val", 0.3), ("source_val", 0.5)):
+        folder = side / "evaluation" / row / split
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"mIoU": value, "pixel_accuracy": 0.6, "per_class": []}))
+    assert bench_headline.collect(args)[row][0]["target"]["mIoU"] == 0.3 and row in bench_headline.UNCERTAINTY_AWARE
+
+    with pytest.raises(SystemExit):
+        bench_headline.parse_args(["--work_dir", str(tmp_path), "--rows", "source_only", row, "--refine_rounds", "1"])
+    assert f"--rows names {row}, which keeps the synthetic samples the photometric segmenter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_headline.parse_args(["--work_dir", str(tmp_path), "--uncertainty_guidance_scale", "-1"])
+    assert "--uncertainty_guidance_scale must be a finite number >= 0, got -1.0" in capsys.readouterr().err

@@ -38,6 +38,9 @@ from .stage_runner import (
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MARKER = ".stage_complete.json"
+# A generate stage interrupted mid-way (its folder holds finished shards but no marker) continues on the next run
+# instead of stopping there; the script refuses to resume with other settings, naming them.
+RESUME_GENERATION = {"resume": True}
 CONFIG_SECTIONS = {
     "output_dir", "data", "launch", "base", "segmenter", "variants", "uncertainty", "control", "generate",
     "evaluate", "report", "scales", "seed", "refine_rounds", "refine",
@@ -628,7 +631,8 @@ def plan(config: dict) -> list[Stage]:
             "generate_synthetic_dataset.py",
             {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": control,
              "label_dir": root / "source" / "train" / "labels", "uncertainty_bank": maps["target/train"] / "maps",
-             "resolution": data["resolution"], "output_dir": synthetic, "seed": seed, **generate_args},
+             "resolution": data["resolution"], "output_dir": synthetic, "seed": seed, **RESUME_GENERATION,
+             **generate_args},
         )
     )
 
@@ -782,7 +786,7 @@ def refinement_stages(config, out, root, common, segmenter, base_path, unlabeled
             f"{prefix}generate", synthetic, "generate_synthetic_dataset.py",
             {"pretrained_model_name_or_path": base_path, "controlnet_model_name_or_path": round_control,
              "label_dir": root / "source" / "train" / "labels", "uncertainty_bank": maps["target/train"] / "maps",
-             "resolution": data["resolution"], "output_dir": synthetic, **generate_args,
+             "resolution": data["resolution"], "output_dir": synthetic, **RESUME_GENERATION, **generate_args,
              "seed": seed + 1000 * (round_index - 1)}))
         for variant_name, variant in variants.items():
             if not (variant or {}).get("synthetic"):

@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import datasets
 import pytest
 
 from diffusers_uncertainty.workflow import MARKER, load_config, plan, run_workflow, to_flags
@@ -124,6 +125,19 @@ def test_the_whole_workflow_on_the_embedded_default(tmp_path):
     again = []
     run_workflow(config, echo=again.append)
     assert sum("skipped" in line for line in again) == len(plan(config))
+
+    # A generation interrupted after some shards continues on the next run: the missing shard is generated, the
+    # finished ones kept, and the dataset is the one the uninterrupted run wrote.
+    before = datasets.load_from_disk(str(synthetic))
+    shards = sorted((synthetic / "data").glob("*.parquet"))
+    kept = {path: path.stat().st_mtime_ns for path in shards[:-1]}
+    shards[-1].unlink()
+    (synthetic / MARKER).unlink()
+    run_workflow(config, only=["generate"], echo=lambda line: None)
+    assert (synthetic / MARKER).is_file() and shards[-1].is_file()
+    assert {path: path.stat().st_mtime_ns for path in shards[:-1]} == kept
+    after = datasets.load_from_disk(str(synthetic))
+    assert after["image"] == before["image"] and after["label"] == before["label"]
 
 
 def test_command_line_lists_the_stages(tmp_path):

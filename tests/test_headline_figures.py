@@ -418,6 +418,25 @@ def test_later_seeds_link_the_first_seeds_fda_copies_with_its_control(tmp_path):
     assert not (other / "fda_copies").exists() and not (other / "uncertainty" / "fda_copies").exists()
 
 
+def _record_runs_finishing_seed_0(monkeypatch) -> list:
+    """Replace bench_headline's workflow runner: it records (config, only), and seed 0's own run finishes the stages
+    that the runs generated apart link."""
+    calls = []
+
+    def fake_run_workflow(config, only=None):
+        calls.append((config, only))
+        out = Path(config["output_dir"])
+        if out.name == "seed_0":
+            for stage in ("base", "control", "segmenters/source_only", "segmenters/photometric",
+                          "uncertainty/source_train", "uncertainty/target_train"):
+                (out / stage).mkdir(parents=True, exist_ok=True)
+                (out / stage / MARKER).write_text("{}")
+        return out
+
+    monkeypatch.setattr(bench_headline, "run_workflow", fake_run_workflow)
+    return calls
+
+
 def test_the_source_image_row_is_a_run_of_its_own_on_the_first_runs_control_and_maps(tmp_path, monkeypatch, capsys):
     args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--seeds", "0", "--rows", "source_only",
                                       "photometric", "source_images_photometric", "--refine_rounds", "1",
@@ -426,19 +445,7 @@ def test_the_source_image_row_is_a_run_of_its_own_on_the_first_runs_control_and_
     # No row of the seed's own run reads its generated data: it trains the base, control and maps, generates nothing.
     assert bench_headline.main_run_stages(args) == ["data", "base", "segmenter", "uncertainty", "evaluate",
                                                     "fda_copies", "control"]
-    calls = []
-
-    def fake_run_workflow(config, only=None):
-        calls.append((config, only))
-        out = Path(config["output_dir"])
-        if out.name == "seed_0":  # the seed's own run finishes its stages
-            for stage in ("base", "control", "segmenters/source_only", "segmenters/photometric",
-                          "uncertainty/source_train", "uncertainty/target_train"):
-                (out / stage).mkdir(parents=True, exist_ok=True)
-                (out / stage / MARKER).write_text("{}")
-        return out
-
-    monkeypatch.setattr(bench_headline, "run_workflow", fake_run_workflow)
+    calls = _record_runs_finishing_seed_0(monkeypatch)
     bench_headline.run(args)
     (main_config, main_only), (side_config, side_only) = calls
     assert main_only == bench_headline.main_run_stages(args) and list(main_config["variants"]) == ["source_only", "photometric"]
@@ -474,19 +481,7 @@ def test_the_uncertainty_guided_row_runs_on_request_on_the_first_runs_control_ma
                                       "photometric", row, "--refine_rounds", "1", "--uncertainty_guidance_scale", "3"])
     assert list(bench_headline.generated_apart(args)) == [row]
     assert bench_headline.main_run_stages(args)[-2:] == ["fda_copies", "control"]
-    calls = []
-
-    def fake_run_workflow(config, only=None):
-        calls.append((config, only))
-        out = Path(config["output_dir"])
-        if out.name == "seed_0":
-            for stage in ("base", "control", "segmenters/source_only", "segmenters/photometric",
-                          "uncertainty/source_train", "uncertainty/target_train"):
-                (out / stage).mkdir(parents=True, exist_ok=True)
-                (out / stage / MARKER).write_text("{}")
-        return out
-
-    monkeypatch.setattr(bench_headline, "run_workflow", fake_run_workflow)
+    calls = _record_runs_finishing_seed_0(monkeypatch)
     bench_headline.run(args)
     (_, _), (side_config, side_only) = calls
     side = tmp_path / "uncertainty_guided_seed_0"

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=32, help="Samples per setting (the dataset's first ones).")
     parser.add_argument("--settings", nargs="+", default=[], help="Settings, e.g. uncertainty_guidance_scale=2.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per pipeline call.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Where the pipeline, classifier and segmenters run (default: cuda when available).")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     args.settings = [parse_setting(text) for text in args.settings]
@@ -89,14 +91,14 @@ def describe(setting: dict) -> str:
 
 
 def main(args) -> list[dict]:
-    torch.manual_seed(0)
     run = Path(args.run_dir)
     evaluation = json.loads((run / "synthetic_evaluation" / RESULTS_NAME).read_text())
     settings = read_generation_settings(run / "synthetic")
     dataset = datasets.load_from_disk(str(run / "synthetic"))
-    pipeline = load_generation_pipeline(settings, "cpu")
-    classifier = DomainClassifier.from_pretrained(run / "synthetic_evaluation" / CLASSIFIER_FOLDER).eval()
-    segmenters = {name: load_segmenter(str(run / "segmenters" / name)).eval() for name in ("photometric", "source_only")}
+    pipeline = load_generation_pipeline(settings, args.device)
+    classifier = DomainClassifier.from_pretrained(run / "synthetic_evaluation" / CLASSIFIER_FOLDER).to(args.device).eval()
+    segmenters = {name: load_segmenter(str(run / "segmenters" / name)).to(args.device).eval()
+                  for name in ("photometric", "source_only")}
     config = segmenters["photometric"].config
     resolution, classifier_resolution = evaluation["resolution"], evaluation["domain_classifier"]["resolution"]
     rows = []

@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F

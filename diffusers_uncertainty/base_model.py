@@ -13,10 +13,7 @@ unused), the VAE's reconstruction/KL loss and latent scaling factor, and an atom
 import math
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -390,53 +387,3 @@ def latent_scaling_factor(vae: AutoencoderKL, batches) -> float:
     if not math.isfinite(std) or std <= 0:
         raise ValueError(f"The VAE's latents have standard deviation {std}; cannot set a scaling factor.")
     return 1.0 / std
-
-
-# ------------------------------------------------------------------------------------------------ saving
-def umask() -> int:
-    r"""The process's file-creation mask (temporary files and folders are private; renamed ones get the usual
-    permissions `0o666 & ~umask()` / `0o777 & ~umask()`)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike) -> None:
-    r"""
-    `save_pretrained` the pipeline into a temporary folder beside `output_dir` (in its parent), then move it into
-    place. If `output_dir` does not exist it is a single rename. If it exists (it may hold `checkpoint-*` folders or
-    an older pipeline), its `model_index.json` is removed first, the component folders are swapped one by one and the
-    new `model_index.json` comes last, so a folder with a `model_index.json` is always a complete pipeline.
-    Other files in `output_dir` are kept.
-
-    Args:
-        pipeline (`DiffusionPipeline`):
-            The pipeline to save.
-        output_dir (`str` or `os.PathLike`):
-            The destination folder.
-    """
-    output_dir = Path(output_dir).absolute()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-pipeline-", dir=output_dir.parent))
-    os.chmod(staging, 0o777 & ~umask())  # it becomes `output_dir` itself when that is new
-    trash = None
-    try:
-        pipeline.save_pretrained(staging)
-        if not output_dir.exists():
-            os.replace(staging, output_dir)
-            return
-        trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-old-", dir=output_dir.parent))
-        index = "model_index.json"
-        if (output_dir / index).exists():
-            os.replace(output_dir / index, trash / index)
-        for name in sorted(os.listdir(staging)):
-            if name == index:
-                continue
-            if (output_dir / name).exists():
-                os.replace(output_dir / name, trash / name)
-            os.replace(staging / name, output_dir / name)
-        os.replace(staging / index, output_dir / index)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomic import TEMPORARY_PREFIX, atomic_folder, atomic_write_path
 from .conditioning import prepare_uncertainty_map
 from .data_reader import labeled_folder_records
 from .training.data import list_images, load_label, load_uncertainty
@@ -51,7 +52,6 @@ from .training.data import list_images, load_label, load_uncertainty
 UNCERTAINTY_BANK_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".parquet"
-TEMP_SUFFIX = ".tmp"
 UNCERTAINTY_LEVELS = 65535  # 16-bit storage of uncertainty maps
 
 
@@ -177,7 +177,7 @@ def remove_temporary_shards(shard_dir: str | os.PathLike) -> list[str]:
     """
     if not os.path.isdir(shard_dir):
         return []
-    removed = sorted(name for name in os.listdir(shard_dir) if name.endswith(TEMP_SUFFIX))
+    removed = sorted(name for name in os.listdir(shard_dir) if name.startswith(TEMPORARY_PREFIX))
     for name in removed:
         os.remove(os.path.join(shard_dir, name))
     return removed
@@ -1007,8 +1007,9 @@ def shard_columns(
 # ------------------------------------------------------------------------------------------ shards on disk
 def write_shard(columns: dict, path: str | os.PathLike) -> None:
     r"""
-    Write one shard as a parquet file, atomically: to `<path>.tmp` first, then renamed, so a file named `path` is
-    always complete (a crash leaves at most a `.tmp` file, which [`remove_temporary_shards`] deletes).
+    Write one shard as a parquet file, atomically ([`~diffusers_uncertainty.atomic.atomic_write_path`]): a file named
+    `path` is always complete, a failed write leaves nothing, and a killed process at most a temporary file, which
+    [`remove_temporary_shards`] deletes.
 
     Args:
         columns (`dict`):
@@ -1018,11 +1019,9 @@ def write_shard(columns: dict, path: str | os.PathLike) -> None:
     """
     import datasets
 
-    path = str(path)
-    temporary = path + TEMP_SUFFIX
     dataset = datasets.Dataset.from_dict(columns, features=dataset_features(style="style_images" in columns))
-    dataset.to_parquet(temporary)
-    os.replace(temporary, path)
+    with atomic_write_path(path) as temporary:
+        dataset.to_parquet(temporary)
 
 
 class BackgroundShardWriter:
@@ -1093,8 +1092,10 @@ def _encode_and_write_shard(path, shard_columns_args, shard_columns_kwargs):
 def merge_shards(shard_paths: list[str | os.PathLike], output_dir: str | os.PathLike, cache_dir=None):
     r"""
     Merge complete shards, in the given order, into one dataset saved with `save_to_disk` in `output_dir` (next to
-    any other files there), loadable with `datasets.load_from_disk(output_dir)`. The dataset is saved to a temporary
-    folder first and its files moved in, `state.json` last; files of an earlier merge are replaced.
+    any other files there), loadable with `datasets.load_from_disk(output_dir)`. The dataset is saved to a staging
+    folder and moved in with [`~diffusers_uncertainty.atomic.atomic_folder`]: its `dataset_info.json` and
+    `state.json` (which list the data files) leave first and come back last, so no mix of an earlier merge's files
+    and this one's is ever loadable; the earlier merge's data files that are not overwritten are deleted afterwards.
 
     Args:
         shard_paths (`list`):
@@ -1113,44 +1114,20 @@ def merge_shards(shard_paths: list[str | os.PathLike], output_dir: str | os.Path
     if not shard_paths:
         raise ValueError("`shard_paths` is empty: there is nothing to merge.")
     output_dir = str(output_dir)
-    staging = os.path.join(output_dir, ".merge.tmp")
     own_cache = cache_dir is None
     cache_dir = cache_dir or os.path.join(output_dir, ".merge-cache.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        # The parquet files carry their `datasets` features (Image columns) in their schema metadata.
-        merged = datasets.Dataset.from_parquet([str(path) for path in shard_paths], cache_dir=cache_dir)
-        merged.save_to_disk(staging)
-        del merged
-        # Replace the previous merge: remove its markers first, so no mix of old and new files is ever loadable.
-        for name in ("state.json", "dataset_info.json"):
-            if os.path.exists(os.path.join(output_dir, name)):
-                os.remove(os.path.join(output_dir, name))
-        for name in os.listdir(output_dir):
-            if name.startswith("data-") and name.endswith(".arrow"):
-                os.remove(os.path.join(output_dir, name))
-        new_files = sorted(os.listdir(staging), key=lambda name: (name == "state.json", name == "dataset_info.json"))
-        for name in new_files:
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        with atomic_folder(output_dir, merge=True, last=("dataset_info.json", "state.json")) as staging:
+            # The parquet files carry their `datasets` features (Image columns) in their schema metadata.
+            merged = datasets.Dataset.from_parquet([str(path) for path in shard_paths], cache_dir=cache_dir)
+            merged.save_to_disk(staging)
+            del merged
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if own_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
+    with open(os.path.join(output_dir, "state.json"), encoding="utf-8") as handle:
+        data_files = {entry["filename"] for entry in json.load(handle)["_data_files"]}
+    for name in os.listdir(output_dir):
+        if name.startswith("data-") and name.endswith(".arrow") and name not in data_files:
+            os.remove(os.path.join(output_dir, name))
     return datasets.load_from_disk(output_dir)
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
-    r"""
-    Write a JSON file atomically (temporary file, then rename).
-
-    Args:
-        data (`dict`):
-            JSON-serialisable data.
-        path (`str` or `os.PathLike`):
-            Destination.
-    """
-    temporary = str(path) + TEMP_SUFFIX
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, path)

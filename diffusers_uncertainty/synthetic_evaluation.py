@@ -35,7 +35,7 @@ import torchvision.transforms.v2.functional as TF
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import save_pretrained_atomic, write_json_atomic, write_text_atomic
 
 
 RESULTS_NAME = "synthetic_evaluation.json"
@@ -663,7 +663,6 @@ def evaluate_synthetic_dataset(
     import datasets
 
     from .segmentation import load_segmentation_data, load_segmenter
-    from .segmentation.io_utils import save_pretrained_atomic
 
     uncertainty_levels = [float(level) for level in uncertainty_levels]
     check_evaluation_arguments(

@@ -29,14 +29,12 @@ Folder layout (the project's standard one, read by the training and segmentation
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 
-from .atomic import save_image_atomic, write_text_atomic
+from .atomic import atomic_folder, save_image_atomic, write_text_atomic
 
 
 OCT_CLASS_NAMES = (
@@ -61,16 +59,9 @@ TARGET_PROFILE = (0.15, 0.72, 0.52, 0.42, 0.24, 0.82, 0.40)
 _LAYER_FRACTIONS = np.array([0.12, 0.25, 0.22, 0.23, 0.18])
 _DOMAINS = {"source": 0, "target": 1}
 _SPLITS = {"train": 0, "val": 1}
-_DATASET_ENTRIES = ("source", "target", "README.md", "dataset_info.json")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of a 2-D float array with reflected borders (numpy only)."""
     if sigma <= 0:
@@ -367,31 +358,11 @@ def make_oct_dataset(
         "generator": "diffusers_uncertainty.toy_oct.make_oct_dataset",
     }
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # it becomes `root` itself when `root` is new
-    trash = None
-    try:
+    # Only the dataset's own entries are replaced in an existing folder; `dataset_info.json` last marks it complete.
+    with atomic_folder(root, merge=True, last=("dataset_info.json",)) as staging:
         for split_name, count in info["splits"].items():
             domain, split = split_name.split("/")
             _write_split(staging / domain / split, domain, split, count, (height, width), seed, info["labeled"][split_name])
         write_text_atomic(staging / "dataset_info.json", json.dumps(info, indent=2) + "\n")
         write_text_atomic(staging / "README.md", _readme(info))
-
-        if not root.exists() or not any(root.iterdir()):
-            if root.exists():
-                root.rmdir()
-            os.replace(staging, root)
-        else:
-            # Replace only the dataset's own entries; the old ones go to a trash folder that is removed at the end.
-            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
-            for entry in _DATASET_ENTRIES:
-                if (root / entry).exists() or (root / entry).is_symlink():
-                    os.replace(root / entry, trash / entry)
-            for entry in _DATASET_ENTRIES:
-                os.replace(staging / entry, root / entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
     return {**info, "root": str(root)}

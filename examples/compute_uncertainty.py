@@ -39,13 +39,8 @@ from diffusers_uncertainty.segmentation import (
     uncertainty_histogram,
 )
 from diffusers_uncertainty.segmentation.device_data import EvaluationImages
-from diffusers_uncertainty.segmentation.io_utils import (
-    resize_probs,
-    save_image_atomic,
-    uncertainty_to_png16,
-    write_json_atomic,
-    write_text_atomic,
-)
+from diffusers_uncertainty.atomic import save_image_atomic, write_json_atomic, write_text_atomic
+from diffusers_uncertainty.segmentation.io_utils import resize_probs, uncertainty_to_png16
 
 
 def build_parser():

@@ -29,12 +29,8 @@ from diffusers_uncertainty.segmentation import (
     normalized_entropy,
 )
 from diffusers_uncertainty.segmentation.device_data import EvaluationImages
-from diffusers_uncertainty.segmentation.io_utils import (
-    resize_probs,
-    save_image_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from diffusers_uncertainty.atomic import save_image_atomic, write_json_atomic, write_text_atomic
+from diffusers_uncertainty.segmentation.io_utils import resize_probs
 
 
 def build_parser():

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import diffusers
 from diffusers.utils.import_utils import is_xformers_available
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, StyleEncoderModel, UncertaintyControlNetModel
+from diffusers_uncertainty.atomic import write_json_atomic
 from diffusers_uncertainty.data_reader import load_image
 from diffusers_uncertainty.synthesis import (
     BackgroundShardWriter,
@@ -65,7 +66,6 @@ from diffusers_uncertainty.synthesis import (
     remove_temporary_shards,
     shard_filename,
     shards_for_process,
-    write_json_atomic,
 )
 from diffusers_uncertainty.synthetic_evaluation import (
     EVALUATION_ARGUMENTS,
@@ -544,7 +544,7 @@ def main(args):
         removed = remove_temporary_shards(shard_dir)
         if removed:
             logger.info(f"Removed {len(removed)} half-written shard(s) of an interrupted run: {removed}")
-        write_json_atomic({"settings": settings, "command": args.command_line}, config_path)
+        write_json_atomic(config_path, {"settings": settings, "command": args.command_line})
     accelerator.wait_for_everyone()
     done = completed_shards(shard_dir, len(shards))
     accelerator.wait_for_everyone()  # every process has listed the finished shards before any new one appears

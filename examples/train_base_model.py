@@ -30,8 +30,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +50,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 
-from diffusers_uncertainty.atomic import save_image_atomic, write_json_atomic
+from diffusers_uncertainty.atomic import save_image_atomic, save_pretrained_atomic, write_json_atomic
 from diffusers_uncertainty.base_model import (
     BaseModelTrainingDataset,
     build_inference_scheduler,
@@ -64,8 +62,6 @@ from diffusers_uncertainty.base_model import (
     collate_images,
     latent_scaling_factor,
     reconstruction_error,
-    save_pipeline_atomically,
-    umask,
     vae_loss,
 )
 from diffusers_uncertainty.training import (
@@ -75,6 +71,7 @@ from diffusers_uncertainty.training import (
     unlabeled_folder_records,
     validate_records,
 )
+from diffusers_uncertainty.training.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from diffusers_uncertainty.training.latent_cache import (
     DATASET_PLACEMENTS,
     DeviceBatchSampler,
@@ -98,7 +95,6 @@ from diffusers_uncertainty.training.performance import (
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "base_model_state.json"
 SUMMARY_FILE = "training_summary.json"
 
@@ -115,14 +111,6 @@ class VAETrainingModule(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor):
         return vae_loss(self.vae, pixel_values, self.kl_weight, self.reconstruction_loss)
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """`checkpoint-{step}` folders of `output_dir`, oldest first (as diffusers sorts them)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [name for name in os.listdir(output_dir) if CHECKPOINT_PATTERN.match(name)]
-    return sorted(names, key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
 
 
 def loss_summary(losses: list[float], window: int = 10) -> dict:
@@ -340,6 +328,7 @@ def check_args(args) -> None:
         raise ValueError(f"`--max_train_samples` must be a positive integer, but got {args.max_train_samples}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be at least 1, but got {args.checkpoints_total_limit}.")
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     if args.learning_rate <= 0 or (args.vae_learning_rate is not None and args.vae_learning_rate <= 0):
         raise ValueError(
             f"`--learning_rate` and `--vae_learning_rate` must be positive, but got {args.learning_rate} and "
@@ -607,38 +596,7 @@ def main(args):
                 f"UNet {sum(p.numel() for p in accelerator.unwrap_model(unet).parameters()):,}, "
                 f"text encoder {sum(p.numel() for p in accelerator.unwrap_model(text_encoder).parameters()):,}")
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = args.resume_from_checkpoint
-            if not os.path.isdir(path):
-                path = os.path.join(args.output_dir, os.path.basename(path))
-        else:
-            checkpoints = list_checkpoints(args.output_dir)
-            path = os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
-        if path is None or not os.path.isdir(path):
-            accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-
-    def save_checkpoint():
-        # Follows diffusers' scripts (checkpoints_total_limit), but saves into a temporary folder and renames it.
-        if args.checkpoints_total_limit is not None:
-            checkpoints = list_checkpoints(args.output_dir)
-            if len(checkpoints) >= args.checkpoints_total_limit:
-                for name in checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]:
-                    logger.info(f"removing checkpoint {name}")
-                    shutil.rmtree(os.path.join(args.output_dir, name))
-        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-        staging = tempfile.mkdtemp(prefix=f".checkpoint-{global_step}-", dir=args.output_dir)
-        os.chmod(staging, 0o777 & ~umask())
-        accelerator.save_state(staging)
-        if os.path.isdir(save_path):
-            shutil.rmtree(save_path)
-        os.replace(staging, save_path)
-        logger.info(f"Saved state to {save_path}")
+    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
 
     def batches(start_batch: int):
         """Batches forever, epoch after epoch, starting after `start_batch` batches (resuming mid-epoch)."""
@@ -709,7 +667,7 @@ def main(args):
                 state["scaling_factor"] = latent_scaling_factor(vae, chunks)
                 vae_module.train()
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                save_checkpoint()
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             accelerator.wait_for_everyone()
         vae_throughput = vae_meter.result()  # now, before the UNet stage's time counts
         accelerator.print(
@@ -796,7 +754,7 @@ def main(args):
         progress_bar.update(1)
         flush_losses("unet", unet_lr_scheduler.get_last_lr()[0], force=global_step == total_steps)
         if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-            save_checkpoint()
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
     if args.unet_train_steps:
         accelerator.print(f"UNet stage done: {args.unet_train_steps} steps, loss {loss_summary(state['unet_losses'])}")
@@ -813,7 +771,7 @@ def main(args):
             scheduler=build_inference_scheduler(noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        save_pipeline_atomically(pipeline, args.output_dir)
+        save_pretrained_atomic(pipeline, args.output_dir)
         logger.info(f"Saved the StableDiffusionPipeline to {args.output_dir}")
 
         summary = {

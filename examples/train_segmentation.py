@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -42,6 +41,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers.optimization import get_scheduler
+from diffusers_uncertainty.atomic import save_pretrained_atomic, write_json_atomic, write_text_atomic
+from diffusers_uncertainty.training.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from diffusers_uncertainty.training.performance import (
     ThroughputMeter,
     adamw_fused_kwargs,
@@ -69,7 +70,6 @@ from diffusers_uncertainty.segmentation import (
 )
 from diffusers_uncertainty.segmentation.data import concat_datasets, first_samples, list_collate
 from diffusers_uncertainty.segmentation.device_data import (
-    DATASET_PLACEMENTS,
     DeviceSegmentationDataset,
     check_dataset_placement,
     EvaluationImages,
@@ -79,12 +79,7 @@ from diffusers_uncertainty.segmentation.device_data import (
 )
 from diffusers_uncertainty.segmentation.fourier import FourierDomainAdaptation
 from diffusers_uncertainty.segmentation.label_agreement import keep_most_agreeing, label_agreement_scores
-from diffusers_uncertainty.segmentation.io_utils import (
-    resize_probs,
-    save_pretrained_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from diffusers_uncertainty.segmentation.io_utils import resize_probs
 
 
 logger = get_logger(__name__)
@@ -301,6 +296,11 @@ def parse_args(input_args=None):
         raise ValueError("`--fda_target_dir` and `--fda_on_synthetic` are only used with `--fourier_domain_adaptation`.")
     if args.max_train_steps < 1:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
+    if args.checkpointing_steps < 1:
+        raise ValueError(f"`--checkpointing_steps` must be positive, got {args.checkpointing_steps}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"`--checkpoints_total_limit` must be at least 1, got {args.checkpoints_total_limit}.")
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     if args.class_names is not None and args.classes_json is not None:
         raise ValueError("Give either `--class_names` or `--classes_json`, not both.")
     if args.classes_json is not None:
@@ -798,22 +798,7 @@ def main(args):
     if discriminator is not None:
         logger.info(f"  Adversarial alignment on {len(unlabeled_dataset)} unlabeled images, weight {args.adversarial_weight}")
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = args.resume_from_checkpoint
-            if not os.path.isdir(path):
-                raise ValueError(f"`--resume_from_checkpoint`: expected a checkpoint folder or 'latest', got {path!r}.")
-        else:
-            dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] if os.path.isdir(args.output_dir) else []
-            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
-            path = os.path.join(args.output_dir, dirs[-1]) if dirs else None
-        if path is None:
-            accelerator.print("No checkpoint found for 'latest'; starting a new training run.")
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
 
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -917,19 +902,7 @@ def main(args):
                 accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                # As in diffusers' examples: enforce checkpoints_total_limit before saving a new one.
-                if args.checkpoints_total_limit is not None:
-                    checkpoints = sorted(
-                        (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                        key=lambda x: int(x.split("-")[1]),
-                    )
-                    while len(checkpoints) >= args.checkpoints_total_limit:
-                        shutil.rmtree(os.path.join(args.output_dir, checkpoints.pop(0)))
-                save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                tmp_path = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
-                accelerator.save_state(tmp_path)
-                os.replace(tmp_path, save_path)
-                logger.info(f"Saved state to {save_path}")
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
 
             if (
                 validation_batches is not None

@@ -26,9 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +50,7 @@ from diffusers.utils.import_utils import is_xformers_available
 from diffusers_uncertainty import StableDiffusionDualControlPipeline, StyleEncoderModel, UncertaintyControlNetModel
 from diffusers_uncertainty.models.style_aggregation import AGGREGATIONS
 from diffusers_uncertainty.models.style_encoder import CONDITIONING_MODES, combine_text_and_style
-from diffusers_uncertainty.atomic import save_image_atomic
+from diffusers_uncertainty.atomic import save_image_atomic, save_pretrained_atomic
 from diffusers_uncertainty.training import (
     ControlNetTrainingDataset,
     DatasetRecords,
@@ -70,6 +67,7 @@ from diffusers_uncertainty.training import (
     validate_records,
     write_model_card,
 )
+from diffusers_uncertainty.training.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from diffusers_uncertainty.training.latent_cache import (
     DATASET_PLACEMENTS,
     DeviceBatchSampler,
@@ -97,32 +95,9 @@ if is_wandb_available():
 logger = get_logger(__name__)
 
 DEFAULT_MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "controlnet_card.md"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def list_checkpoints(output_dir: str) -> list[str]:
-    """`checkpoint-{step}` folders of `output_dir`, oldest first (as diffusers sorts them)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [name for name in os.listdir(output_dir) if CHECKPOINT_PATTERN.match(name)]
-    return sorted(names, key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
-
-
-def save_controlnet_atomically(controlnet, output_dir: str) -> None:
-    """`save_pretrained` of a model (the controlnet, the style encoder) into a temporary folder inside `output_dir`,
-    then move the files in; config.json last, so a folder with a config is always complete."""
-    os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".controlnet-", dir=output_dir)
-    try:
-        controlnet.save_pretrained(staging)
-        names = sorted(os.listdir(staging), key=lambda name: name == controlnet.config_name)
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def branch_modules(controlnet: UncertaintyControlNetModel, train_branch: str) -> list[torch.nn.Module]:
     r"""
     The submodules trained in `train_branch` mode.
@@ -802,6 +777,7 @@ def check_args(args) -> None:
         raise ValueError(f"`--max_train_steps` must be a positive integer, but got {args.max_train_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be at least 1, but got {args.checkpoints_total_limit}.")
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ValueError(f"`--proportion_empty_prompts` must be in [0, 1], but got {args.proportion_empty_prompts}.")
     if not 0 <= args.labeled_fraction <= 1:
@@ -1402,33 +1378,9 @@ def main(args):
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
-    global_step = 0
-    first_epoch = 0
-
     # Potentially load in the weights and states from a previous save
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = args.resume_from_checkpoint
-            if not os.path.isdir(path):
-                path = os.path.join(args.output_dir, os.path.basename(path))
-        else:
-            checkpoints = list_checkpoints(args.output_dir)
-            path = os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
-
-        if path is None or not os.path.isdir(path):
-            accelerator.print(
-                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
-            )
-            args.resume_from_checkpoint = None
-            initial_global_step = 0
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            initial_global_step = global_step
-            first_epoch = global_step // num_update_steps_per_epoch
-    else:
-        initial_global_step = 0
+    global_step = initial_global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    first_epoch = global_step // num_update_steps_per_epoch
 
     progress_bar = tqdm(
         range(0, args.max_train_steps),
@@ -1502,28 +1454,7 @@ def main(args):
 
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
-                        # _before_ saving state, check if this save would set us over the `checkpoints_total_limit`
-                        if args.checkpoints_total_limit is not None:
-                            checkpoints = list_checkpoints(args.output_dir)
-                            if len(checkpoints) >= args.checkpoints_total_limit:
-                                num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
-                                removing_checkpoints = checkpoints[0:num_to_remove]
-                                logger.info(
-                                    f"{len(checkpoints)} checkpoints already exist, removing "
-                                    f"{len(removing_checkpoints)} checkpoints"
-                                )
-                                logger.info(f"removing checkpoints: {', '.join(removing_checkpoints)}")
-                                for removing_checkpoint in removing_checkpoints:
-                                    shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
-
-                        # Save into a temporary folder, then rename: a checkpoint-{step} folder is always complete.
-                        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                        staging = tempfile.mkdtemp(prefix=f".checkpoint-{global_step}-", dir=args.output_dir)
-                        accelerator.save_state(staging)
-                        if os.path.isdir(save_path):
-                            shutil.rmtree(save_path)
-                        os.replace(staging, save_path)
-                        logger.info(f"Saved state to {save_path}")
+                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
 
                     if run_validation and global_step % args.validation_steps == 0:
                         validation_log = log_validation(
@@ -1541,11 +1472,11 @@ def main(args):
     if accelerator.is_main_process:
         accelerator.print(meter.write(args.output_dir, stage="controlnet", dataset_placement=placement))
         controlnet = accelerator.unwrap_model(controlnet)
-        save_controlnet_atomically(controlnet, args.output_dir)
+        save_pretrained_atomic(controlnet, args.output_dir)
         logger.info(f"Saved the UncertaintyControlNetModel to {args.output_dir} (global step {global_step})")
         if style_encoder is not None:
             style_encoder = accelerator.unwrap_model(style_encoder)
-            save_controlnet_atomically(style_encoder, os.path.join(args.output_dir, "style_encoder"))
+            save_pretrained_atomic(style_encoder, os.path.join(args.output_dir, "style_encoder"))
             logger.info(f"Saved the StyleEncoderModel to {os.path.join(args.output_dir, 'style_encoder')}")
 
         # Run a final round of validation (diffusers' scripts do the same).

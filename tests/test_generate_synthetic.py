@@ -167,8 +167,7 @@ def test_write_shard_never_leaves_a_half_written_shard(tmp_path, monkeypatch):
     )
     with pytest.raises(OSError, match="disk full"):
         write_shard(columns, path)
-    assert not path.exists()  # only the temporary file is there, and a resumed run deletes it
-    assert [p.name for p in tmp_path.iterdir()] == [path.name + ".tmp"]
+    assert list(tmp_path.iterdir()) == []  # neither the shard nor its temporary file
 
 
 # ----------------------------------------------------------------------------------------- launched runs
@@ -239,7 +238,7 @@ def test_output_has_a_card_a_config_and_is_read_by_the_segmentation_trainer(one_
     assert "| `guidance_scale` | `2.0` |" in card and "| `prompt` | `dusk road` |" in card
     assert "path: data/*.parquet" in card and "$" not in card
     assert (out / "generation_config.json").is_file()
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary file or folder left
     # What `examples/train_segmentation.py --synthetic_data_dir` does with the folder.
     data = load_segmentation_data(str(out), 4, IGNORE_INDEX, argument="--synthetic_data_dir")
     assert len(data) == 9
@@ -258,7 +257,7 @@ def test_interrupted_run_resumes_without_duplicates_and_batch_size_does_not_chan
     first_shard = output_dir / "data" / shard_filename(0, 3)
     first_stat = first_shard.stat()
     # A crash in the middle of writing shard 1 leaves its temporary file.
-    (output_dir / "data" / (shard_filename(1, 3) + ".tmp")).write_bytes(b"PAR1 half-written")
+    (output_dir / "data" / ".tmp-x7k2q9.parquet").write_bytes(b"PAR1 half-written")
 
     with pytest.raises(ValueError, match="already holds a generation run; pass `--resume`"):
         script.main(script.parse_args(base_args(workspace, output_dir, "--batch_size", 4)))
@@ -615,6 +614,27 @@ def _shard_arguments(index):
     return items, images, labels, codes, ["level:0.5"] * 2, ["x.png"] * 2, settings
 
 
+def test_merge_shards_replaces_an_earlier_merge_and_keeps_the_other_files(tmp_path):
+    from diffusers_uncertainty.synthesis import merge_shards
+
+    shards = []
+    for index in range(3):
+        shards.append(tmp_path / "out" / "data" / f"shard-{index}.parquet")
+        write_shard(shard_columns(*_shard_arguments(index)), shards[-1])
+    (tmp_path / "out" / "README.md").write_text("card")
+    first = merge_shards(shards, tmp_path / "out")
+    assert first["seed"] == [row for index in range(3) for row in shard_columns(*_shard_arguments(index))["seed"]]
+    (tmp_path / "out" / "data-00001-of-00002.arrow").write_bytes(b"a data file of an earlier, larger merge")
+    second = merge_shards(shards[:1], tmp_path / "out")
+    assert second["seed"] == shard_columns(*_shard_arguments(0))["seed"]
+    assert datasets.load_from_disk(str(tmp_path / "out"))["seed"] == second["seed"]
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    arrow = sorted(path.name for path in (tmp_path / "out").glob("data-*.arrow"))
+    assert arrow == sorted(entry["filename"] for entry in state["_data_files"])  # the stale file is gone
+    assert (tmp_path / "out" / "README.md").read_text() == "card" and len(list((tmp_path / "out" / "data").iterdir())) == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no staging or trash folder left
+
+
 def test_background_writer_writes_the_files_of_the_sequential_loop_while_the_caller_goes_on(tmp_path, monkeypatch):
     import threading
 
@@ -639,7 +659,9 @@ def test_background_writer_writes_the_files_of_the_sequential_loop_while_the_cal
         release.set()
     for index in range(3):
         assert (tmp_path / f"background-{index}.parquet").read_bytes() == (tmp_path / f"sequential-{index}.parquet").read_bytes()
-    assert [os.path.basename(path) for path in started] == [f"background-{index}.parquet.tmp" for index in range(3)]
+    # Each went to a temporary file beside its shard first.
+    assert [os.path.dirname(path) for path in started] == [str(tmp_path)] * 3
+    assert all(os.path.basename(path).startswith(".tmp-") and path.endswith(".parquet") for path in started)
 
 
 def test_background_writer_raises_a_failed_write_and_leaves_no_half_written_shard(tmp_path, monkeypatch):

@@ -23,8 +23,6 @@ from diffusers_uncertainty.base_model import (
     build_unet,
     build_vae,
     reconstruction_error,
-    save_pipeline_atomically,
-    umask,
 )
 from diffusers_uncertainty.toy_oct import OCT_NUM_CLASSES, make_oct_dataset
 from example_scripts import load_example
@@ -296,22 +294,6 @@ def test_builders_validate_sizes_and_match_stable_diffusion_layout():
         build_vae((12, 16))
     with pytest.raises(ValueError, match="`unet_block_out_channels` must have at least 2 levels"):
         build_unet((16,), norm_num_groups=4, attention_head_dim=4)
-
-
-def test_save_pipeline_atomically_replaces_components_and_keeps_other_files(tmp_path):
-    from diffusers_uncertainty import build_tiny_pipeline
-
-    pipeline = build_tiny_pipeline()
-    output_dir = tmp_path / "out"
-    save_pipeline_atomically(pipeline, output_dir)
-    assert (output_dir / "model_index.json").is_file() and (output_dir / "unet").is_dir()
-    (output_dir / "checkpoint-3").mkdir()
-    (output_dir / "unet" / "stale.txt").write_text("old")
-    save_pipeline_atomically(pipeline, output_dir)
-    assert (output_dir / "checkpoint-3").is_dir() and not (output_dir / "unet" / "stale.txt").exists()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-    # renamed from a private temporary folder, but with the usual permissions
-    assert os.stat(output_dir / "unet").st_mode & 0o777 == 0o777 & ~umask()
 
 
 def test_dataset_name_records_with_captions(tmp_path):

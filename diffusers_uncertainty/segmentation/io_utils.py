@@ -1,16 +1,11 @@
-"""Batched inference helpers shared by the segmentation scripts, and the package's atomic writers re-exported."""
+"""Helpers shared by the segmentation scripts: uncertainty maps as 16-bit PNGs and resizing class probabilities."""
 
-import os
-import shutil
-import tempfile
 from typing import Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from ..atomic import atomic_write_path, save_image_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 
 
 def uncertainty_to_png16(uncertainty: np.ndarray) -> Image.Image:
@@ -33,25 +28,6 @@ def png16_to_uncertainty(image: Image.Image) -> np.ndarray:
         image (`PIL.Image.Image`): 16-bit grayscale image.
     """
     return np.asarray(image).astype(np.float64) / 65535.0
-
-
-def save_pretrained_atomic(model, output_dir: str, **kwargs) -> None:
-    """`model.save_pretrained` into a temporary folder inside `output_dir`, then each file renamed into place, so
-    `output_dir` never holds a half-written file (other content of `output_dir`, e.g. checkpoints, is kept).
-
-    Args:
-        model: Object with `save_pretrained` (e.g. [`SegmentationModel`]).
-        output_dir (`str`): Destination folder.
-        **kwargs: Passed to `save_pretrained`.
-    """
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=output_dir)
-    try:
-        model.save_pretrained(tmp, **kwargs)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resize_probs(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

@@ -8,7 +8,7 @@ The paper gives the idea, not the recipe; the choices made here are documented o
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn

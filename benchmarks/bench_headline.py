@@ -17,6 +17,7 @@ section at the chosen scale):
 | synthetic_photometric_flexseg | the row above + FLEX-Seg losses |
 | synthetic_photometric_filtered | synthetic_photometric on the half of the synthetic samples the photometric segmenter agrees with best (per-image mIoU against the label map: `synthetic_filter`) |
 | synthetic_photometric_filtered_ratio25 | the row above with synthetic ratio 0.25 instead of 0.5 |
+| synthetic_photometric_filtered_decay | the row above with the synthetic ratio scheduled from 0.5 at the first step to 0 at the last (`--synthetic_ratio_end`): the same synthetic share over the run (0.25), synthetic data early and real data at the end |
 | uncertainty_guided_filtered_ratio25 | synthetic_photometric_filtered_ratio25 on data generated with guidance towards the uncertainty maps (`--uncertainty_guidance_scale S`; the pipeline's `uncertainty_guidance_scale`), the same dual control and maps; run only with that flag or when named in `--rows` |
 | synthetic_fda_filtered_ratio25 | the row above with FDA in place of photometric augmentation (on the real images; the synthetic ones as generated), filtered by the fda segmenter |
 | round 2 | iterative refinement (`refine_rounds: 2`): the round-1 `synthetic_photometric_flexseg` segmenter re-estimates the maps (with `--match_uncertainty`: given round 1's distribution per split), the control is fine-tuned, the data regenerated, the synthetic rows retrained |
@@ -96,6 +97,10 @@ ROWS = {
     # The same filter with a quarter of each batch synthetic (the best toy recipe of the lever grid in RESULTS.md).
     "synthetic_photometric_filtered_ratio25": dict(SYNTHETIC, synthetic_ratio=0.25, photometric_augmentation=True,
                                                    synthetic_filter="photometric", synthetic_keep_fraction=0.5),
+    # The same share of synthetic draws over the run, front-loaded: 0.5 at the first step, 0 at the last.
+    "synthetic_photometric_filtered_decay": dict(SYNTHETIC, synthetic_ratio=0.5, synthetic_ratio_end=0.0,
+                                                 photometric_augmentation=True, synthetic_filter="photometric",
+                                                 synthetic_keep_fraction=0.5),
     # The same with the strongest cheap baseline (FDA) in place of photometric augmentation, and its segmenter as filter.
     "synthetic_fda_filtered_ratio25": dict(SYNTHETIC, synthetic_ratio=0.25, fourier_domain_adaptation=True,
                                            synthetic_filter="fda", synthetic_keep_fraction=0.5),
@@ -109,7 +114,8 @@ UNCERTAINTY_GUIDED = "uncertainty_guided_filtered_ratio25"  # generated with unc
 # Rows whose data the seed's dual control generates in a workflow run of their own, with other generation settings.
 GENERATED_APART = {SOURCE_IMAGES: "source_images_seed_{seed}", UNCERTAINTY_GUIDED: "uncertainty_guided_seed_{seed}"}
 UNCERTAINTY_AWARE = ("synthetic", "synthetic_photometric", "synthetic_photometric_flexseg", "synthetic_photometric_filtered",
-                     "synthetic_photometric_filtered_ratio25", "synthetic_fda_filtered_ratio25", SOURCE_IMAGES,
+                     "synthetic_photometric_filtered_ratio25", "synthetic_photometric_filtered_decay",
+                     "synthetic_fda_filtered_ratio25", SOURCE_IMAGES,
                      UNCERTAINTY_GUIDED)
 SWEEP_RECIPE = "synthetic_photometric"  # the best-candidate recipe the synthetic-count sweep retrains
 REFINE_SEGMENTER = "synthetic_photometric_flexseg"  # its segmenter re-estimates the maps in refinement rounds

@@ -113,6 +113,10 @@ def build_parser():
                         help="Synthetic labeled sources (e.g. a generated dataset with `image` and `label` columns).")
     parser.add_argument("--synthetic_ratio", type=float, default=None,
                         help="Fraction of training draws taken from --synthetic_data_dir (default: proportional to size).")
+    parser.add_argument("--synthetic_ratio_end", type=float, default=None,
+                        help="A schedule for --synthetic_ratio: the fraction moves linearly from --synthetic_ratio at "
+                             "the first step to this value at the last (e.g. 0.5 -> 0: synthetic data early, real "
+                             "data at the end). Default: constant.")
     parser.add_argument("--max_synthetic_samples", type=int, default=None,
                         help="Use only the first N synthetic samples: --synthetic_data_dir sources in the order given, "
                              "a generated dataset read by sample index, then label map (one sample of every label "
@@ -261,6 +265,11 @@ def parse_args(input_args=None):
             raise ValueError("`--synthetic_ratio` needs at least one `--synthetic_data_dir`.")
         if not 0.0 <= args.synthetic_ratio <= 1.0:
             raise ValueError(f"`--synthetic_ratio` must be in [0, 1], got {args.synthetic_ratio}.")
+    if args.synthetic_ratio_end is not None:
+        if args.synthetic_ratio is None:
+            raise ValueError("`--synthetic_ratio_end` needs `--synthetic_ratio` (the fraction at the first step).")
+        if not 0.0 <= args.synthetic_ratio_end <= 1.0:
+            raise ValueError(f"`--synthetic_ratio_end` must be in [0, 1], got {args.synthetic_ratio_end}.")
     if args.max_synthetic_samples is not None:
         if not args.synthetic_data_dir:
             raise ValueError("`--max_synthetic_samples` needs at least one `--synthetic_data_dir`.")
@@ -438,7 +447,8 @@ def build_training_data(args, device="cpu", autocast=contextlib.nullcontext):
 
     Returns:
         `Tuple`: the sources (real first, then synthetic, cut to `--max_synthetic_samples`, then filtered by
-        `--synthetic_filter_model`), per-sample base sampling weights of their concatenation, size of each source,
+        `--synthetic_filter_model`), per-sample base sampling weights of their concatenation (at the first step, and
+        at the last with `--synthetic_ratio_end`, else `None`), size of each source,
         and the filter's summary (`None` without a filter).
     """
     real = [
@@ -465,13 +475,20 @@ def build_training_data(args, device="cpu", autocast=contextlib.nullcontext):
     else:
         real_weights = [float(n) for n in lengths[: len(real)]]
     synthetic_weights = [float(n) for n in lengths[len(real):]]
-    if args.synthetic_ratio is not None:
+
+    def weights_at(ratio):
+        if ratio is None:
+            return mixture_weights(lengths, real_weights + synthetic_weights)
         # Real sources share (1 - ratio), synthetic sources share ratio, each group split by its own weights.
         real_total, synth_total = sum(real_weights), sum(synthetic_weights)
-        real_weights = [(1 - args.synthetic_ratio) * w / real_total for w in real_weights]
-        synthetic_weights = [args.synthetic_ratio * w / synth_total for w in synthetic_weights]
-    base_weights = mixture_weights(lengths, real_weights + synthetic_weights)
-    return sources, base_weights, lengths, synthetic_filter
+        return mixture_weights(
+            lengths,
+            [(1 - ratio) * w / real_total for w in real_weights] + [ratio * w / synth_total for w in synthetic_weights],
+        )
+
+    base_weights = weights_at(args.synthetic_ratio)
+    final_base_weights = None if args.synthetic_ratio_end is None else weights_at(args.synthetic_ratio_end)
+    return sources, base_weights, final_base_weights, lengths, synthetic_filter
 
 
 def filter_synthetic(args, synthetic, device, autocast):
@@ -632,7 +649,9 @@ def main(args):
         set_seed(args.seed)
 
     # Data first: bad input stops here, before a model is built.
-    sources, base_weights, lengths, synthetic_filter = build_training_data(args, accelerator.device, accelerator.autocast)
+    sources, base_weights, final_base_weights, lengths, synthetic_filter = build_training_data(
+        args, accelerator.device, accelerator.autocast
+    )
     num_real = sum(lengths[: len(args.train_data_dir)])
     nbytes = decoded_nbytes(sources, args.resolution) if args.dataset_placement == "auto" else 0
     placement = choose_dataset_placement(
@@ -718,7 +737,7 @@ def main(args):
 
     sampler = None
     uniform = len(set(round(w * len(base_weights), 9) for w in base_weights)) == 1
-    if args.hardness_sampling or not uniform:
+    if args.hardness_sampling or not uniform or final_base_weights is not None:
         # Same seed in every process: each process draws the same sequence, which accelerate shards (or each
         # process slices, on the device). On the device the sampler's state stays there: no host read per step.
         sampler = HardnessAwareSampler(
@@ -727,6 +746,7 @@ def main(args):
             momentum=args.hardness_momentum,
             gamma=args.hardness_gamma,
             max_hardness=args.hardness_max if args.hardness_sampling else 0.0,
+            final_base_weights=final_base_weights,
             seed=args.seed or 0,
             device=accelerator.device if placement == "device" else "cpu",
         )
@@ -895,6 +915,9 @@ def main(args):
                 if args.hardness_sampling:
                     sampler.check()
                     logs["hardness_mix"] = sampler.hardness_mix
+                if args.synthetic_ratio_end is not None:  # the scheduled synthetic share of the next draws
+                    progress = global_step / args.max_train_steps
+                    logs["synthetic_ratio"] = (1 - progress) * args.synthetic_ratio + progress * args.synthetic_ratio_end
                 if discriminator is not None:
                     progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"], disc_acc=logs["discriminator_accuracy"])
                 else:

@@ -352,6 +352,21 @@ def test_no_fda_leaves_out_every_row_with_fda(tmp_path):
                                    "synthetic_fda_filtered_ratio25"])
 
 
+def test_the_decay_row_schedules_the_synthetic_ratio_and_its_flags_parse(tmp_path):
+    from diffusers_uncertainty.workflow import check_stage_flags
+
+    args = bench_headline.parse_args(["--work_dir", str(tmp_path), "--refine_rounds", "1", "--rows", "photometric",
+                                      "synthetic_photometric_filtered_decay"])
+    config = bench_headline.workflow_config(args, tmp_path / "seed_0", 0, {"refine_rounds": 1}, bench_headline.rows(args))
+    stages = plan(config)
+    segmenter = {stage.name: stage for stage in stages}["segmenter:synthetic_photometric_filtered_decay"].args
+    assert (segmenter["synthetic_ratio"], segmenter["synthetic_ratio_end"]) == (0.5, 0.0)
+    assert segmenter["photometric_augmentation"] and segmenter["synthetic_keep_fraction"] == 0.5
+    assert segmenter["synthetic_filter_model"] == tmp_path / "seed_0" / "segmenters" / "photometric"
+    check_stage_flags(stages)  # train_segmentation.py's parser takes every flag of the row
+    assert "synthetic_photometric_filtered_decay" in bench_headline.UNCERTAINTY_AWARE
+
+
 def test_the_workflow_report_shows_the_labeled_classes_mean(tmp_path):
     from diffusers_uncertainty.report import metrics_table
 

@@ -118,7 +118,7 @@ def test_train_segmentation_keeps_the_synthetic_samples_its_filter_model_agrees_
 
     args = train.parse_args(base + ["--synthetic_filter_model", str(tmp_path / "filter"),
                                     "--synthetic_keep_fraction", "0.5", "--max_synthetic_samples", "5"])
-    sources, weights, lengths, summary = train.build_training_data(args)
+    sources, weights, _, lengths, summary = train.build_training_data(args)
     # The same model scoring the first five samples directly: the kept ones are its three best.
     expected_scores = label_agreement_scores(filter_model.eval(), sources[1].dataset, 32, 3, 255)[:5]
     best = sorted(sorted(range(5), key=lambda i: -expected_scores[i].item())[:3])

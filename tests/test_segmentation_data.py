@@ -151,6 +151,22 @@ def _train_segmentation_script():
     return load_example("train_segmentation")
 
 
+def test_synthetic_ratio_end_gives_the_last_steps_base_weights(tmp_path):
+    train = _train_segmentation_script()
+    real, synthetic = write_folder(tmp_path / "real", n=3), write_folder(tmp_path / "synthetic", n=5)
+    base = ["--train_data_dir", str(real), "--num_classes", "2", "--resolution", "8", "--synthetic_data_dir", str(synthetic)]
+    args = train.parse_args(base + ["--synthetic_ratio", "0.5", "--synthetic_ratio_end", "0.1"])
+    _, weights, final_weights, lengths, _ = train.build_training_data(args)
+    assert lengths == [3, 5]
+    assert sum(weights[3:]) == pytest.approx(0.5) and sum(final_weights[3:]) == pytest.approx(0.1)
+    assert final_weights[:3] == pytest.approx([0.9 / 3] * 3) and final_weights[3:] == pytest.approx([0.1 / 5] * 5)
+    with pytest.raises(ValueError, match=r"`--synthetic_ratio_end` needs `--synthetic_ratio` \(the fraction at the "
+                                         r"first step\)"):
+        train.parse_args(base + ["--synthetic_ratio_end", "0"])
+    with pytest.raises(ValueError, match=r"`--synthetic_ratio_end` must be in \[0, 1\], got 1.5"):
+        train.parse_args(base + ["--synthetic_ratio", "0.5", "--synthetic_ratio_end", "1.5"])
+
+
 def test_max_synthetic_samples_takes_the_first_samples_one_per_label_map_first(tmp_path):
     datasets = pytest.importorskip("datasets")
     train = _train_segmentation_script()
@@ -171,15 +187,16 @@ def test_max_synthetic_samples_takes_the_first_samples_one_per_label_map_first(t
 
     args = train.parse_args(base + ["--synthetic_data_dir", str(tmp_path / "generated"), str(plain),
                                     "--synthetic_ratio", "0.5", "--max_synthetic_samples", "4"])
-    sources, weights, lengths, _ = train.build_training_data(args)
+    sources, weights, final_weights, lengths, _ = train.build_training_data(args)
     assert lengths == [3, 4]  # the second source is not used at all
     # One sample of each of the three label maps (rows 0, 2, 4), then the second sample of label map 0 (row 1).
     assert [sources[1][i]["image"].getpixel((0, 0))[0] for i in range(4)] == [0, 2, 4, 1]
     assert sum(weights[3:]) == pytest.approx(0.5)  # --synthetic_ratio applies to the samples kept
+    assert final_weights is None  # no schedule
 
     args = train.parse_args(base + ["--synthetic_data_dir", str(tmp_path / "generated"), str(plain),
                                     "--max_synthetic_samples", "8"])
-    sources, _, lengths, _ = train.build_training_data(args)
+    sources, _, _, lengths, _ = train.build_training_data(args)
     assert lengths == [3, 6, 2]  # the generated dataset whole, then the folder's first two files
     assert sources[2].image_paths == [str(plain / "images" / "im0.png"), str(plain / "images" / "im1.png")]
 

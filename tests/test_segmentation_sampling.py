@@ -127,3 +127,30 @@ def test_state_dict_is_a_copy_that_later_updates_leave_alone():
     state = sampler.state_dict()
     sampler.update(torch.tensor([1, 2]), torch.tensor([2.0, 3.0]))
     assert state["seen"].tolist() == [True, False, False] and state["difficulty"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_final_base_weights_move_the_base_distribution_linearly_with_progress():
+    start, end = [1.0, 1.0, 2.0, 0.0], [0.0, 1.0, 1.0, 2.0]  # normalised: [.25 .25 .5 0], [0 .25 .25 .5]
+    sampler = HardnessAwareSampler(start, max_hardness=0.0, final_base_weights=end, seed=0)
+    for progress, expected in ((0.0, [0.25, 0.25, 0.5, 0.0]), (0.5, [0.125, 0.25, 0.375, 0.25]),
+                               (1.0, [0.0, 0.25, 0.25, 0.5])):
+        sampler.set_progress(progress)
+        torch.testing.assert_close(sampler.probabilities(), torch.tensor(expected, dtype=torch.float64))
+    assert 0 not in sampler.draw(200).tolist()  # at the end the first sample has no weight left
+    sampler.set_progress(0.0)
+    assert 3 not in sampler.draw(200).tolist()
+    # With hardness sampling, the hard distribution is taken relative to the current base.
+    hard = HardnessAwareSampler(start, max_hardness=1.0, final_base_weights=end, seed=0)
+    hard.update(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    hard.set_progress(1.0)
+    torch.testing.assert_close(hard.probabilities(), torch.tensor([0.0, 0.25, 0.25, 0.5], dtype=torch.float64))
+    # The schedule's position comes back with the state.
+    restored = HardnessAwareSampler(start, max_hardness=0.0, final_base_weights=end, seed=0)
+    sampler.set_progress(0.75)
+    restored.load_state_dict(sampler.state_dict())
+    torch.testing.assert_close(restored.probabilities(), sampler.probabilities())
+    with pytest.raises(ValueError, match=r"`final_base_weights` must have one weight per sample like `base_weights` "
+                                         r"\(4\), got shape \(3,\)"):
+        HardnessAwareSampler(start, final_base_weights=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="`final_base_weights` must be non-negative with a positive sum"):
+        HardnessAwareSampler(start, final_base_weights=[0.0, 0.0, 0.0, 0.0])

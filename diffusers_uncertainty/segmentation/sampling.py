@@ -11,7 +11,9 @@ from torch.utils.data import Sampler
 class HardnessAwareSampler(Sampler[int]):
     r"""Draws sample indices (with replacement) from $q_i(t) = (1 - \lambda(t))\, b_i + \lambda(t)\, h_i$.
 
-    - $b_i$: base probabilities (uniform, or the dataset mixing weights of `base_weights`), normalised.
+    - $b_i$: base probabilities (uniform, or the dataset mixing weights of `base_weights`), normalised. With
+      `final_base_weights` they move linearly with training progress: $b_i(t) = (1 - t)\, b^{start}_i + t\,
+      b^{end}_i$ (e.g. a synthetic share that decays from its start value to its end value).
     - $d_i$: difficulty, an exponential moving average of the sample's loss: $d_i \leftarrow \mu d_i + (1-\mu)\,
       \ell_i$ (set to $\ell_i$ the first time). Samples never seen get the mean difficulty of the seen ones.
     - $h_i = b_i\, d_i^{\gamma} / \sum_j b_j\, d_j^{\gamma}$: hard-sample distribution (scale-free in the loss).
@@ -32,6 +34,8 @@ class HardnessAwareSampler(Sampler[int]):
         gamma (`float`, defaults to 2.0): $\gamma$, sharpness of the hard distribution.
         max_hardness (`float`, defaults to 0.5): $\lambda_{max} \in [0, 1]$.
         ramp (`float`, defaults to 1.0): $t_{ramp} \in (0, 1]$, progress at which $\lambda$ reaches its maximum.
+        final_base_weights (`Sequence[float]`, *optional*): The base weights at the end of training (progress 1),
+            one per sample like `base_weights`; default: `base_weights` throughout.
         seed (`int`, defaults to 0): Seed of the sampler's own generator.
         device (`torch.device` or `str`, defaults to `"cpu"`): Where the state and the generator live.
     """
@@ -44,6 +48,7 @@ class HardnessAwareSampler(Sampler[int]):
         gamma: float = 2.0,
         max_hardness: float = 0.5,
         ramp: float = 1.0,
+        final_base_weights: Optional[Sequence[float]] = None,
         seed: int = 0,
         device="cpu",
     ):
@@ -52,6 +57,16 @@ class HardnessAwareSampler(Sampler[int]):
             raise ValueError(f"`base_weights` must be a non-empty 1-D sequence, got shape {tuple(base.shape)}.")
         if (base < 0).any() or base.sum() <= 0:
             raise ValueError("`base_weights` must be non-negative with a positive sum.")
+        final_base = None
+        if final_base_weights is not None:
+            final_base = torch.as_tensor(final_base_weights, dtype=torch.float64)
+            if final_base.shape != base.shape:
+                raise ValueError(
+                    f"`final_base_weights` must have one weight per sample like `base_weights` ({base.numel()}), got "
+                    f"shape {tuple(final_base.shape)}."
+                )
+            if (final_base < 0).any() or final_base.sum() <= 0:
+                raise ValueError("`final_base_weights` must be non-negative with a positive sum.")
         if not 0.0 <= max_hardness <= 1.0:
             raise ValueError(f"`max_hardness` must be in [0, 1], got {max_hardness}.")
         if not 0.0 < ramp <= 1.0:
@@ -60,6 +75,7 @@ class HardnessAwareSampler(Sampler[int]):
             raise ValueError(f"`momentum` must be in [0, 1), got {momentum}.")
         self.device = torch.device(device)
         self.base = (base / base.sum()).to(self.device)
+        self.final_base = None if final_base is None else (final_base / final_base.sum()).to(self.device)
         self.num_draws = int(num_draws) if num_draws is not None else base.numel()
         self.momentum = momentum
         self.gamma = gamma
@@ -79,6 +95,16 @@ class HardnessAwareSampler(Sampler[int]):
     def hardness_mix(self) -> float:
         """Current $\\lambda(t)$."""
         return self.max_hardness * min(1.0, self.progress / self.ramp)
+
+    def base_probabilities(self) -> torch.Tensor:
+        """The base distribution $b(t)$ at the current progress (sums to one).
+
+        Returns:
+            `torch.Tensor` of shape `(num_samples,)`, float64.
+        """
+        if self.final_base is None:
+            return self.base
+        return (1.0 - self.progress) * self.base + self.progress * self.final_base
 
     def set_progress(self, progress: float) -> None:
         """Sets training progress.
@@ -134,16 +160,17 @@ class HardnessAwareSampler(Sampler[int]):
             `torch.Tensor` of shape `(num_samples,)`, float64.
         """
         mix = self.hardness_mix
+        base = self.base_probabilities()
         if mix == 0.0:
-            return self.base.clone()
+            return base.clone()
         seen = self.seen.to(torch.float64)
         mean = (self.difficulty * seen).sum() / seen.sum().clamp_min(1.0)
         difficulty = torch.where(self.seen, self.difficulty, mean)
-        hard = self.base * difficulty.clamp_min(0.0) ** self.gamma
+        hard = base * difficulty.clamp_min(0.0) ** self.gamma
         total = hard.sum()
         # Nothing seen yet, or every difficulty 0: the base distribution (the division by 1 is then discarded).
-        mixed = (1.0 - mix) * self.base + mix * hard / torch.where(total > 0, total, 1.0)
-        return torch.where(self.seen.any() & (total > 0), mixed, self.base)
+        mixed = (1.0 - mix) * base + mix * hard / torch.where(total > 0, total, 1.0)
+        return torch.where(self.seen.any() & (total > 0), mixed, base)
 
     def draw(self, count: int) -> torch.Tensor:
         """`count` indices (on the sampler's device, with replacement) from the current distribution.

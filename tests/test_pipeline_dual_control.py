@@ -189,6 +189,40 @@ def test_uncertainty_guidance_adds_a_zero_map_branch_and_combines_it_as_document
     assert len(seen["model_output"]) == 3
 
 
+def guided_steps_outside_the_window(pipeline, **kwargs):
+    """UNet and control batch sizes and the latents after each step of a call (3 steps)."""
+    batches, latents = {"unet": [], "controlnet": []}, []
+    hooks = [getattr(pipeline, name).register_forward_hook(lambda module, args, output, name=name: batches[name].append(args[0].shape[0]))
+             for name in batches]
+
+    def keep_latents(pipe, step, timestep, callback_kwargs):
+        latents.append(callback_kwargs["latents"].clone())
+        return {}
+
+    try:
+        output = _run(pipeline, callback_on_step_end=keep_latents, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return batches, latents, output.images
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0], ids=["with_cfg", "without_cfg"])
+def test_uncertainty_guidance_leaves_out_the_zero_map_branch_outside_the_uncertainty_window(tiny_pipeline, guidance_scale):
+    # 3 steps, the uncertainty control acts from half-way: off at steps 0 and 1, on at step 2.
+    call = dict(semantic_map=_labels(), uncertainty_map=0.7, guidance_scale=guidance_scale,
+                control_guidance_start=[0.0, 0.5], control_guidance_end=[1.0, 1.0])
+    plain_batches, plain_latents, plain = guided_steps_outside_the_window(tiny_pipeline, **call)
+    batches, latents, guided = guided_steps_outside_the_window(tiny_pipeline, uncertainty_guidance_scale=2.5, **call)
+    branches = 2 if guidance_scale > 1 else 1
+    assert plain_batches["unet"] == [branches] * 3
+    assert batches["unet"] == batches["controlnet"] == [branches, branches, branches + 1]
+    # Where the zero-map branch is left out the step is the unguided call's (up to the float rounding of conditions
+    # embedded in a batch of another size); then guidance acts.
+    torch.testing.assert_close(latents[:2], plain_latents[:2], rtol=0, atol=1e-5)
+    assert not torch.allclose(latents[2], plain_latents[2]) and not np.allclose(guided, plain)
+
+
 def test_uncertainty_guidance_is_neutral_at_the_zero_map_and_at_zero_equals_the_zero_map(tiny_pipeline):
     labels = _labels()
     # The map equals the reference: the guidance term vanishes.

@@ -132,6 +132,23 @@ def test_ip_adapter_image_acts_on_the_unet_as_in_the_stock_pipeline(ip_adapter_c
     assert np.array_equal(from_embeds, mine)
 
 
+def test_ip_adapter_embeddings_follow_the_branches_when_uncertainty_guidance_leaves_one_out(ip_adapter_components):
+    from test_pipeline_dual_control import guided_steps_outside_the_window
+
+    pipeline = StableDiffusionDualControlPipeline(**ip_adapter_components)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipeline.unet, image_embed_dim=24)])
+    pipeline.set_ip_adapter_scale(42.0)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    call = dict(**_maps()[0], ip_adapter_image=image, guidance_scale=3.0,
+                control_guidance_start=[0.0, 0.5], control_guidance_end=[1.0, 1.0])
+    _, plain_latents, _ = guided_steps_outside_the_window(pipeline, **call)
+    batches, latents, _ = guided_steps_outside_the_window(pipeline, uncertainty_guidance_scale=2.5, **call)
+    assert batches["unet"] == [2, 2, 3]  # [negative, image] while the uncertainty control is off, then + zero map
+    torch.testing.assert_close(latents[:2], plain_latents[:2], rtol=0, atol=1e-5)
+    assert not torch.allclose(latents[2], plain_latents[2])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

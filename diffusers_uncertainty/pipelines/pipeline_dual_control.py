@@ -21,7 +21,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
 from ..models.style_encoder import StyleEncoderModel, combine_text_and_style, prepare_style_images
-from ..models.uncertainty_controlnet import UncertaintyControlNetModel
+from ..models.uncertainty_controlnet import ConditionEmbeddings, UncertaintyControlNetModel
 
 
 logger = logging.get_logger(__name__)
@@ -549,7 +549,8 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             control_guidance_start (`float` or a pair, defaults to 0.0), control_guidance_end (`float` or a pair,
             defaults to 1.0):
                 Fraction of the denoising steps during which the controls act; a pair sets (semantic, uncertainty)
-                separately. A branch outside its window is not computed at all.
+                separately. A branch outside its window is not computed at all (with `uncertainty_guidance_scale`,
+                neither is the zero-map branch at the steps outside the uncertainty window).
             clip_skip (`int`, *optional*):
                 Text encoder layers to skip.
             callback_on_step_end (`Callable`, *optional*):
@@ -774,6 +775,20 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             branches[-1] = torch.zeros_like(branches[-1])
             uncertainty_condition = torch.cat(branches)
         controlnet_cond = controlnet.embed_conditions([expand(one_hot), uncertainty_condition], base_scales)
+        if guide_uncertainty:
+            # At steps outside the uncertainty window both maps give the same prediction (the guidance term is 0):
+            # the zero-map branch, the last rows of every batched input, is then left out.
+            unguided_rows = (num_branches - 1) * total
+            unguided_cond = ConditionEmbeddings(
+                tuple(None if e is None else e[:unguided_rows] for e in controlnet_cond.embeddings),
+                controlnet_cond.scales,
+                None if controlnet_cond.summed is None else controlnet_cond.summed[:unguided_rows],
+            )
+            unguided_added_cond_kwargs = None
+            if added_cond_kwargs is not None:
+                unguided_added_cond_kwargs = {
+                    "image_embeds": [embeds[:unguided_rows] for embeds in added_cond_kwargs["image_embeds"]]
+                }
 
         # 4. Timesteps and 5. latents.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
@@ -811,21 +826,28 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                latent_model_input = torch.cat([latents] * num_branches) if num_branches > 1 else latents
+                zero_map_step = guide_uncertainty and controlnet_keep[i][1] == 1.0
+                if guide_uncertainty and not zero_map_step:
+                    branches, step_prompt_embeds = num_branches - 1, prompt_embeds[:unguided_rows]
+                    step_cond, step_added_cond_kwargs = unguided_cond, unguided_added_cond_kwargs
+                else:
+                    branches, step_prompt_embeds = num_branches, prompt_embeds
+                    step_cond, step_added_cond_kwargs = controlnet_cond, added_cond_kwargs
+                latent_model_input = torch.cat([latents] * branches) if branches > 1 else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
                 if guess_mode and num_branches > 1:
                     control_model_input = self.scheduler.scale_model_input(latents, t)
                     controlnet_prompt_embeds = prompt_embeds.chunk(2)[1]
                 else:
                     control_model_input = latent_model_input
-                    controlnet_prompt_embeds = prompt_embeds
+                    controlnet_prompt_embeds = step_prompt_embeds
 
                 cond_scale = [scale * keep for scale, keep in zip(base_scales, controlnet_keep[i])]
                 down_block_res_samples, mid_block_res_sample = self.controlnet(
                     control_model_input,
                     t,
                     encoder_hidden_states=controlnet_prompt_embeds,
-                    controlnet_cond=controlnet_cond,
+                    controlnet_cond=step_cond,
                     conditioning_scale=cond_scale,
                     guess_mode=guess_mode,
                     return_dict=False,
@@ -837,16 +859,16 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                 noise_pred = self.unet(
                     latent_model_input,
                     t,
-                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states=step_prompt_embeds,
                     timestep_cond=timestep_cond,
                     cross_attention_kwargs=self.cross_attention_kwargs,
-                    added_cond_kwargs=added_cond_kwargs,
+                    added_cond_kwargs=step_added_cond_kwargs,
                     down_block_additional_residuals=down_block_res_samples,
                     mid_block_additional_residual=mid_block_res_sample,
                     return_dict=False,
                 )[0]
-                predictions = noise_pred.chunk(num_branches)
-                if guide_uncertainty:
+                predictions = noise_pred.chunk(branches)
+                if zero_map_step:
                     predictions, noise_pred_zero_map = predictions[:-1], predictions[-1]
                 if len(predictions) == 3:
                     noise_pred_uncond, noise_pred_null_style, noise_pred_style = predictions
@@ -862,7 +884,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
                     noise_pred = noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
                 else:
                     noise_pred = predictions[0]
-                if guide_uncertainty:
+                if zero_map_step:
                     noise_pred = noise_pred + (uncertainty_guidance_scale - 1.0) * (predictions[-1] - noise_pred_zero_map)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 

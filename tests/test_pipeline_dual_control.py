@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from diffusers_uncertainty import StableDiffusionDualControlPipeline
+from diffusers_uncertainty import StableDiffusionDualControlPipeline, build_tiny_components
 
 
 def _labels(batch_size=1, size=16, seed=0, num_classes=4):
@@ -207,8 +207,15 @@ def guided_steps_outside_the_window(pipeline, **kwargs):
     return batches, latents, output.images
 
 
-@pytest.mark.parametrize("guidance_scale", [3.0, 1.0], ids=["with_cfg", "without_cfg"])
-def test_uncertainty_guidance_leaves_out_the_zero_map_branch_outside_the_uncertainty_window(tiny_pipeline, guidance_scale):
+@pytest.mark.parametrize(
+    "guidance_scale, shared_trunk", [(3.0, False), (1.0, False), (3.0, True)], ids=["with_cfg", "without_cfg", "shared_trunk"]
+)
+def test_uncertainty_guidance_leaves_out_the_zero_map_branch_outside_the_uncertainty_window(
+    tiny_pipeline, guidance_scale, shared_trunk
+):
+    if shared_trunk:
+        tiny_pipeline = StableDiffusionDualControlPipeline(**build_tiny_components(num_classes=4, shared_trunk=True))
+        tiny_pipeline.set_progress_bar_config(disable=True)
     # 3 steps, the uncertainty control acts from half-way: off at steps 0 and 1, on at step 2.
     call = dict(semantic_map=_labels(), uncertainty_map=0.7, guidance_scale=guidance_scale,
                 control_guidance_start=[0.0, 0.5], control_guidance_end=[1.0, 1.0])

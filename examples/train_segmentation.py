@@ -915,9 +915,8 @@ def main(args):
                 if args.hardness_sampling:
                     sampler.check()
                     logs["hardness_mix"] = sampler.hardness_mix
-                if args.synthetic_ratio_end is not None:  # the scheduled synthetic share of the next draws
-                    progress = global_step / args.max_train_steps
-                    logs["synthetic_ratio"] = (1 - progress) * args.synthetic_ratio + progress * args.synthetic_ratio_end
+                if args.synthetic_ratio_end is not None:  # the synthetic share of the sampler's base distribution now
+                    logs["synthetic_ratio"] = float(sampler.base_probabilities()[num_real:].sum())
                 if discriminator is not None:
                     progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"], disc_acc=logs["discriminator_accuracy"])
                 else:

@@ -509,8 +509,13 @@ def check_evaluation_arguments(
     r"""
     Every check of [`evaluate_synthetic_dataset`]'s arguments that needs no model or image: run before any work.
     Argument names in the messages are those of `examples/evaluate_synthetic.py`. `synthetic_data_dir=None` skips
-    the checks of the dataset (for a dataset not generated yet).
+    the checks of the dataset (for a dataset not generated yet). The checks that read no file are
+    [`check_evaluation_settings`].
     """
+    check_evaluation_settings(
+        uncertainty_levels, samples_per_level, resolution, classifier_resolution, classifier_steps,
+        classifier_batch_size, kid_subsets, kid_subset_size, batch_size, max_samples, uncertainty_estimator,
+    )
     folders = {
         "--synthetic_data_dir": synthetic_data_dir, "--source_segmenter": source_segmenter,
         "--source_train_dir": source_train_dir, "--target_train_dir": target_train_dir,
@@ -523,6 +528,20 @@ def check_evaluation_arguments(
     for name, folder in (("--source_segmenter", source_segmenter), ("--target_segmenter", target_segmenter)):
         if folder is not None and not os.path.isfile(os.path.join(folder, "config.json")):
             raise ValueError(f"`{name}` must be a saved segmenter folder with a config.json, but {str(folder)!r} has none.")
+    if synthetic_data_dir is not None:
+        check_level_generation(read_generation_settings(synthetic_data_dir), synthetic_data_dir, uncertainty_levels)
+
+
+def check_evaluation_settings(
+    uncertainty_levels: Sequence[float] = (), samples_per_level: int = 16, resolution: int = 256,
+    classifier_resolution: int = 64, classifier_steps: int = 300, classifier_batch_size: int = 32,
+    kid_subsets: int = 100, kid_subset_size: int = 100, batch_size: int = 8, max_samples: int | None = None,
+    uncertainty_estimator: str = "entropy",
+) -> None:
+    r"""
+    The checks of [`evaluate_synthetic_dataset`]'s settings that read no file (so a workflow can run them before the
+    stages that write the folders). Arguments as in [`evaluate_synthetic_dataset`].
+    """
     for level in uncertainty_levels:
         if not 0.0 <= float(level) <= 1.0:  # also rejects NaN
             raise ValueError(f"`--uncertainty_levels` must lie in [0, 1], but got {list(uncertainty_levels)}.")
@@ -546,8 +565,6 @@ def check_evaluation_arguments(
         raise ValueError(
             f"`--uncertainty_estimator` must be one of {UNCERTAINTY_ESTIMATOR_CHOICES}, but got {uncertainty_estimator!r}."
         )
-    if synthetic_data_dir is not None:
-        check_level_generation(read_generation_settings(synthetic_data_dir), synthetic_data_dir, uncertainty_levels)
 
 
 def data_root_folders(root: str | os.PathLike, argument: str = "--evaluate_data_root") -> dict:

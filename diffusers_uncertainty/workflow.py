@@ -379,10 +379,11 @@ class Stage:
 
 def check_stage_flags(stages: list[Stage]) -> None:
     r"""
-    Check every script stage's flags against its script's parser (`build_parser()`) before any stage runs, so that a
-    misspelled flag, a value of the wrong type or choice, or a YAML boolean given for a flag that takes a value (an
-    unquoted `no`) fails at once rather than after the stages before it have run. The checks `parse_args` makes
-    across flags and on files (which earlier stages may still have to write) stay with the stage.
+    Check every script stage's flags against its script's parser (`build_parser()`) and its checks across flags
+    (`check_args`, where the script has one) before any stage runs, so that a misspelled flag, a value of the wrong
+    type or choice, a YAML boolean given for a flag that takes a value (an unquoted `no`) or flags that do not fit
+    together fail at once rather than after the stages before it have run. The checks `parse_args` makes on files
+    (which earlier stages may still have to write) stay with the stage.
 
     Args:
         stages (`list[Stage]`):
@@ -391,13 +392,14 @@ def check_stage_flags(stages: list[Stage]) -> None:
     Raises:
         `ValueError`: naming the stage, its script and the flag.
     """
-    parsers = {}
+    scripts = {}
     for stage in stages:
         if stage.script is None:
             continue
-        if stage.script not in parsers:
-            parsers[stage.script] = load_script(stage.script_path).build_parser()
-        parser = parsers[stage.script]
+        if stage.script not in scripts:
+            scripts[stage.script] = load_script(stage.script_path)
+        script = scripts[stage.script]
+        parser = script.build_parser()
         where = f"Stage {stage.name!r} ({stage.script})"
         actions = {option[2:]: action for action in parser._actions for option in action.option_strings
                    if option.startswith("--")}
@@ -418,7 +420,12 @@ def check_stage_flags(stages: list[Stage]) -> None:
             raise ValueError(f"{where}: {message} (its flags: {' '.join(flags)})")
 
         parser.error = refuse  # argparse would print the usage and exit the workflow's process
-        parser.parse_args(flags)
+        args = parser.parse_args(flags)
+        if hasattr(script, "check_args"):
+            try:
+                script.check_args(args)
+            except ValueError as error:
+                refuse(str(error))
 
 
 def check_data_root(config: dict) -> int:

@@ -75,14 +75,24 @@ def parse_args(input_args=None):
     """
     parser = build_parser()
     args = parser.parse_args(input_args)
+    check_args(args)
     if args.match_reference_dir is not None and not os.path.isdir(args.match_reference_dir):
         raise ValueError(f"`--match_reference_dir` must be a folder of uncertainty maps, but "
                          f"{args.match_reference_dir} does not exist.")
+    return args
+
+
+def check_args(args) -> None:
+    """Every check across flags that reads no file (the workflow runs it on every stage's flags before the first
+    stage).
+
+    Args:
+        args (`argparse.Namespace`): From `build_parser().parse_args(...)`.
+    """
     if args.estimator == "ensemble" and len(args.model) < 2:
         raise ValueError(f"`--estimator ensemble` needs at least 2 `--model`, got {len(args.model)}.")
     if args.estimator != "ensemble" and len(args.model) != 1:
         raise ValueError(f"`--estimator {args.estimator}` takes exactly one `--model`, got {len(args.model)}.")
-    return args
 
 
 def build_estimator(args, models):

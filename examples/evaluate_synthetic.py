@@ -26,6 +26,7 @@ from diffusers_uncertainty.synthetic_evaluation import (
     RESULTS_NAME,
     UNCERTAINTY_ESTIMATOR_CHOICES,
     check_evaluation_arguments,
+    check_evaluation_settings,
     evaluate_synthetic_dataset,
     synthetic_evaluation_table,
 )
@@ -73,12 +74,28 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     check_evaluation_arguments(
         args.synthetic_data_dir, args.source_segmenter, args.source_train_dir, args.target_train_dir,
-        args.source_eval_dir, args.target_eval_dir, args.target_segmenter, args.uncertainty_levels,
-        args.samples_per_level, args.resolution, args.classifier_resolution, args.classifier_steps,
-        args.classifier_batch_size, args.kid_subsets, args.kid_subset_size, args.batch_size, args.max_samples,
-        args.uncertainty_estimator,
+        args.source_eval_dir, args.target_eval_dir, args.target_segmenter, *evaluation_settings(args),
     )
     return args
+
+
+def check_args(args) -> None:
+    """Every check across flags that reads no file (the workflow runs it on every stage's flags before the first
+    stage); [`parse_args`] also checks the folders and the dataset's generation settings.
+
+    Args:
+        args (`argparse.Namespace`): From `build_parser().parse_args(...)`.
+    """
+    check_evaluation_settings(*evaluation_settings(args))
+
+
+def evaluation_settings(args) -> tuple:
+    """The arguments of `check_evaluation_settings`, in its order."""
+    return (
+        args.uncertainty_levels, args.samples_per_level, args.resolution, args.classifier_resolution,
+        args.classifier_steps, args.classifier_batch_size, args.kid_subsets, args.kid_subset_size, args.batch_size,
+        args.max_samples, args.uncertainty_estimator,
+    )
 
 
 def main(args):

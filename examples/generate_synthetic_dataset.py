@@ -297,7 +297,22 @@ def parse_args(input_args=None):
         redact_token([str(arg) for arg in (input_args if input_args is not None else sys.argv[1:])])
     )
 
-    # Every check that needs no model or data happens here, before anything is loaded.
+    check_args(args)
+    # The checks that read files.
+    if args.evaluate:
+        check_generation_evaluation(args)
+    if not os.path.isfile(args.dataset_card_template):
+        raise ValueError(f"`--dataset_card_template` must be a file, but {args.dataset_card_template} does not exist.")
+    return args
+
+
+def check_args(args) -> None:
+    """Every check across flags that reads no file, so that a bad command stops before any model or data is loaded
+    (the workflow runs it on every stage's flags before the first stage).
+
+    Args:
+        args (`argparse.Namespace`): From `build_parser().parse_args(...)`.
+    """
     if (args.label_dir is None) == (args.dataset_name is None):
         raise ValueError("Pass exactly one of `--label_dir` and `--dataset_name` as the source of label maps.")
     if args.uncertainty_bank is not None and args.uncertainty_level is not None:
@@ -369,12 +384,11 @@ def parse_args(input_args=None):
     if args.seed < 0:
         raise ValueError(f"`--seed` must be non-negative, but got {args.seed}.")
     if args.evaluate:
-        check_generation_evaluation(args)
+        for name in ("evaluate_source_segmenter", "evaluate_data_root"):
+            if getattr(args, name) is None:
+                raise ValueError(f"`--evaluate` needs `--{name}`, but it was not given.")
     elif any(getattr(args, name) is not None for name in EVALUATION_ARGUMENTS):
         raise ValueError(f"`--{'`, `--'.join(EVALUATION_ARGUMENTS)}` apply to `--evaluate`; pass it to use them.")
-    if not os.path.isfile(args.dataset_card_template):
-        raise ValueError(f"`--dataset_card_template` must be a file, but {args.dataset_card_template} does not exist.")
-    return args
 
 
 def content_settings(args, num_labels: int, num_shards: int, height: int, width: int) -> dict:

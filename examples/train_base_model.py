@@ -303,11 +303,17 @@ def parse_args(input_args=None):
     parser = build_parser()
     args = parser.parse_args(input_args)
     check_args(args)
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     return args
 
 
 def check_args(args) -> None:
-    """Every check that needs no data or model, so that a bad command stops at once."""
+    """Every check across flags that reads no file, so that a bad command stops at once (the workflow runs it on
+    every stage's flags before the first stage).
+
+    Args:
+        args (`argparse.Namespace`): From `build_parser().parse_args(...)`.
+    """
     if args.resolution <= 0 or args.resolution % 8 != 0:
         raise ValueError(f"`--resolution` must be a positive multiple of 8, but got {args.resolution}.")
     if args.train_data_dir is None and args.dataset_name is None:
@@ -328,7 +334,6 @@ def check_args(args) -> None:
         raise ValueError(f"`--max_train_samples` must be a positive integer, but got {args.max_train_samples}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be at least 1, but got {args.checkpoints_total_limit}.")
-    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     if args.learning_rate <= 0 or (args.vae_learning_rate is not None and args.vae_learning_rate <= 0):
         raise ValueError(
             f"`--learning_rate` and `--vae_learning_rate` must be positive, but got {args.learning_rate} and "

@@ -251,10 +251,26 @@ def parse_args(input_args=None):
     """
     parser = build_parser()
     args = parser.parse_args(input_args)
-
     for name, default in FLEXSEG_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default if args.flexseg else (False if isinstance(default, bool) else 0.0))
+    check_args(args)
+    # The checks that read files.
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
+    if args.classes_json is not None:
+        with open(args.classes_json) as f:
+            args.class_names = json.load(f)["classes"]
+        check_class_names(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Every check across flags that reads no file, so that a bad command stops at once (the workflow runs it on
+    every stage's flags before the first stage).
+
+    Args:
+        args (`argparse.Namespace`): From `build_parser().parse_args(...)`.
+    """
     if args.train_data_weights is not None and len(args.train_data_weights) != len(args.train_data_dir):
         raise ValueError(
             f"`--train_data_weights` needs one weight per `--train_data_dir` ({len(args.train_data_dir)}), "
@@ -309,15 +325,16 @@ def parse_args(input_args=None):
         raise ValueError(f"`--checkpointing_steps` must be positive, got {args.checkpointing_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be at least 1, got {args.checkpoints_total_limit}.")
-    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     if args.class_names is not None and args.classes_json is not None:
         raise ValueError("Give either `--class_names` or `--classes_json`, not both.")
-    if args.classes_json is not None:
-        with open(args.classes_json) as f:
-            args.class_names = json.load(f)["classes"]
-    if args.class_names is not None and len(args.class_names) != args.num_classes:
-        raise ValueError(f"Expected {args.num_classes} class names (`--num_classes`), got {len(args.class_names)}.")
-    return args
+    if args.class_names is not None:
+        check_class_names(args)
+
+
+def check_class_names(args) -> None:
+    if len(args.class_names) != args.num_classes:
+        source = f"`--classes_json` {args.classes_json}" if args.classes_json else "`--class_names`"
+        raise ValueError(f"Expected {args.num_classes} class names (`--num_classes`), got {len(args.class_names)} from {source}.")
 
 
 def check_model_args(args) -> None:

@@ -742,11 +742,27 @@ def parse_args(input_args=None):
     parser = build_parser()
     args = parser.parse_args(input_args)
     check_args(args)
+    # The checks that read files.
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
+    for path in args.validation_style_images or []:
+        if not os.path.isfile(path):
+            raise ValueError(f"`--validation_style_images` file does not exist: {path}.")
+    for path in args.validation_label or []:
+        if not os.path.isfile(path):
+            raise ValueError(f"`--validation_label` file does not exist: {path}.")
+        check_label_values(load_label(path, path), args.num_classes, args.ignore_index, path)
+    if args.push_to_hub and not os.path.isfile(args.model_card_template):
+        raise ValueError(f"`--model_card_template` file does not exist: {args.model_card_template}.")
     return args
 
 
 def check_args(args) -> None:
-    """Every check that needs no data or model, so that a bad command stops at once."""
+    """Every check across flags that reads no file, so that a bad command stops at once (the workflow runs it on
+    every stage's flags before the first stage).
+
+    Args:
+        args (`argparse.Namespace`): From `build_parser().parse_args(...)`.
+    """
     if args.resolution <= 0 or args.resolution % 8 != 0:
         raise ValueError(
             "`--resolution` must be a positive multiple of 8 for consistently sized encoded images between the VAE"
@@ -777,7 +793,6 @@ def check_args(args) -> None:
         raise ValueError(f"`--max_train_steps` must be a positive integer, but got {args.max_train_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be at least 1, but got {args.checkpoints_total_limit}.")
-    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a named checkpoint must exist
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ValueError(f"`--proportion_empty_prompts` must be in [0, 1], but got {args.proportion_empty_prompts}.")
     if not 0 <= args.labeled_fraction <= 1:
@@ -804,9 +819,6 @@ def check_args(args) -> None:
             "`--style_pretrained_backbone` initialises a new style encoder; it cannot be used with "
             "`--style_encoder_model_name_or_path`."
         )
-    for path in args.validation_style_images or []:
-        if not os.path.isfile(path):
-            raise ValueError(f"`--validation_style_images` file does not exist: {path}.")
 
     # Data sources per branch
     if args.train_data_dir is not None and args.dataset_name is not None:
@@ -854,10 +866,6 @@ def check_args(args) -> None:
     for level in args.validation_uncertainty_levels or []:
         if not 0.0 <= level <= 1.0:
             raise ValueError(f"`--validation_uncertainty_levels` must lie in [0, 1], but got {level}.")
-    for path in args.validation_label or []:
-        if not os.path.isfile(path):
-            raise ValueError(f"`--validation_label` file does not exist: {path}.")
-        check_label_values(load_label(path, path), args.num_classes, args.ignore_index, path)
 
     # Optional dependencies and hardware
     if args.enable_xformers_memory_efficient_attention:
@@ -881,8 +889,6 @@ def check_args(args) -> None:
             "You cannot use both --report_to=wandb and --hub_token due to a security risk of exposing your token."
             " Please use `hf auth login` to authenticate with the Hub."
         )
-    if args.push_to_hub and not os.path.isfile(args.model_card_template):
-        raise ValueError(f"`--model_card_template` file does not exist: {args.model_card_template}.")
 
 
 # ------------------------------------------------------------------------------------------------- data

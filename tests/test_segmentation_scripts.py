@@ -267,6 +267,12 @@ def test_training_stops_on_bad_input_before_training(data, tmp_path):
 
     with pytest.raises(ValueError, match="--synthetic_ratio"):
         train.parse_args(["--train_data_dir", str(data["train"]), "--synthetic_ratio", "0.5", *base])
+    with pytest.raises(ValueError, match=r"Expected 3 class names \(`--num_classes`\), got 2 from `--class_names`\."):
+        train.parse_args(["--train_data_dir", str(data["train"]), "--class_names", "a", "b", *base])
+    classes_json = tmp_path / "classes.json"
+    classes_json.write_text('{"classes": ["a", "b", "c", "d"]}')
+    with pytest.raises(ValueError, match=r"Expected 3 class names \(`--num_classes`\), got 4 from `--classes_json` .*classes\.json\."):
+        train.parse_args(["--train_data_dir", str(data["train"]), "--classes_json", str(classes_json), *base])
     assert not (tmp_path / "out").exists()  # nothing was trained or written
 
 

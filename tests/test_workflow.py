@@ -397,6 +397,17 @@ def test_stage_flags_are_checked_against_the_scripts_parsers_before_any_stage_ru
     assert "argument --estimator: invalid choice: 'entropi'" in message and "--estimator entropi" in message
     message = refused({"variants": {"late": {"max_train_steps": "1e4"}}})  # the last stages are checked too
     assert message.startswith("Stage 'segmenter:late' (train_segmentation.py): argument --max_train_steps: invalid int")
+    # The scripts' checks across flags run too: here on stages whose inputs earlier stages have yet to write.
+    message = refused({"variants": {"late": {"synthetic_ratio_end": 0.0}}})
+    assert message.startswith("Stage 'segmenter:late' (train_segmentation.py): `--synthetic_ratio_end` needs "
+                              "`--synthetic_ratio` (the fraction at the first step). (its flags: ")
+    message = refused({"uncertainty": {"args": {"estimator": "ensemble"}}})
+    assert message.startswith("Stage 'uncertainty:source_train' (compute_uncertainty.py): `--estimator ensemble` needs "
+                              "at least 2 `--model`, got 1.")
+    message = refused({"generate": {"args": {"uncertainty_level": 1.0}}})  # beside the config's uncertainty bank
+    assert "(generate_synthetic_dataset.py): Pass exactly one of `--uncertainty_bank` and `--uncertainty_level`" in message
+    message = refused({"control": {"args": {"proportion_empty_prompts": 2}}})
+    assert "(train_uncertainty_controlnet.py): `--proportion_empty_prompts` must be in [0, 1], but got 2." in message
     for name, scales in (("toy_oct", [None, "smoke"]), ("camvid_daydusk", [None, "smoke", "cpu", "gpu"]),
                          ("monuseg_ffpe_frozen", [None, "smoke"])):  # what ships passes, at every scale
         for scale in scales:

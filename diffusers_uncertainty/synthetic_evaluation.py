@@ -815,15 +815,13 @@ EVALUATION_ARGUMENTS = (
 
 def check_generation_evaluation(args) -> None:
     r"""
-    The checks of `generate_synthetic_dataset.py --evaluate`, before any generation.
+    The checks on files of `generate_synthetic_dataset.py --evaluate`, before any generation (the script's
+    `check_args` has checked that the flags are given).
 
     Args:
         args (`argparse.Namespace`):
             The generation script's arguments.
     """
-    for name in ("evaluate_source_segmenter", "evaluate_data_root"):
-        if getattr(args, name) is None:
-            raise ValueError(f"`--evaluate` needs `--{name}`, but it was not given.")
     folders = data_root_folders(args.evaluate_data_root)
     check_evaluation_arguments(
         None, args.evaluate_source_segmenter, **folders, target_segmenter=args.evaluate_target_segmenter,

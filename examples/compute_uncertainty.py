@@ -44,8 +44,9 @@ from diffusers_uncertainty.segmentation.io_utils import resize_probs, uncertaint
 
 
 def build_parser():
-    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
-    them). The workflow checks its stages' flags against this parser before running any stage."""
+    """The command line's flags, with their types, defaults and choices (`check_args` adds the checks across
+    them, `parse_args` those on files). The workflow checks its stages' flags with both this parser and `check_args`
+    before running any stage."""
     parser = argparse.ArgumentParser(description="Write uncertainty maps and per-image scores of a segmenter.")
     parser.add_argument("--model", type=str, nargs="+", required=True,
                         help="Saved segmenter(s) (SegmentationModel or LatentDiffusionSegmenter folder or Hub id); several for --estimator ensemble.")

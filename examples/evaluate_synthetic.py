@@ -33,8 +33,9 @@ from diffusers_uncertainty.synthetic_evaluation import (
 
 
 def build_parser():
-    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
-    them). The workflow checks its stages' flags against this parser before running any stage."""
+    """The command line's flags, with their types, defaults and choices (`check_args` adds the checks across
+    them, `parse_args` those on files). The workflow checks its stages' flags with both this parser and `check_args`
+    before running any stage."""
     parser = argparse.ArgumentParser(description="Label fidelity, target likeness and uncertainty of a generated dataset.")
     parser.add_argument("--synthetic_data_dir", type=str, required=True,
                         help="The generated dataset (a `save_to_disk` folder, e.g. from generate_synthetic_dataset.py).")

@@ -139,8 +139,9 @@ def control_window(values: list[float]) -> tuple[float, float]:
 
 
 def build_parser():
-    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
-    them). The workflow checks its stages' flags against this parser before running any stage."""
+    """The command line's flags, with their types, defaults and choices (`check_args` adds the checks across
+    them, `parse_args` those on files). The workflow checks its stages' flags with both this parser and `check_args`
+    before running any stage."""
     parser = argparse.ArgumentParser(description="Generate a labeled synthetic dataset with a dual-control ControlNet.")
     # Model.
     parser.add_argument(

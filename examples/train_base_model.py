@@ -128,8 +128,9 @@ def loss_summary(losses: list[float], window: int = 10) -> dict:
 
 
 def build_parser():
-    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
-    them). The workflow checks its stages' flags against this parser before running any stage."""
+    """The command line's flags, with their types, defaults and choices (`check_args` adds the checks across
+    them, `parse_args` those on files). The workflow checks its stages' flags with both this parser and `check_args`
+    before running any stage."""
     parser = argparse.ArgumentParser(description="Train a small Stable Diffusion-architecture base model.")
     # Model
     parser.add_argument(

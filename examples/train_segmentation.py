@@ -101,8 +101,9 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "
 
 
 def build_parser():
-    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
-    them). The workflow checks its stages' flags against this parser before running any stage."""
+    """The command line's flags, with their types, defaults and choices (`check_args` adds the checks across
+    them, `parse_args` those on files). The workflow checks its stages' flags with both this parser and `check_args`
+    before running any stage."""
     parser = argparse.ArgumentParser(description="Train a segmentation network (source only / augmented / FLEX-Seg).")
     # Data
     parser.add_argument("--train_data_dir", type=str, nargs="+", required=True,
@@ -332,6 +333,7 @@ def check_args(args) -> None:
 
 
 def check_class_names(args) -> None:
+    """One name per class, from `--class_names` or the file of `--classes_json`."""
     if len(args.class_names) != args.num_classes:
         source = f"`--classes_json` {args.classes_json}" if args.classes_json else "`--class_names`"
         raise ValueError(f"Expected {args.num_classes} class names (`--num_classes`), got {len(args.class_names)} from {source}.")

@@ -417,8 +417,9 @@ def save_model_card(repo_id: str, args, data_summary: str, validation_log: dict 
 
 # ------------------------------------------------------------------------------------------------- args
 def build_parser():
-    """The command line's flags, with their types, defaults and choices (`parse_args` adds the checks across
-    them). The workflow checks its stages' flags against this parser before running any stage."""
+    """The command line's flags, with their types, defaults and choices (`check_args` adds the checks across
+    them, `parse_args` those on files). The workflow checks its stages' flags with both this parser and `check_args`
+    before running any stage."""
     parser = argparse.ArgumentParser(description="Train the dual-control (semantic + uncertainty) ControlNet.")
     # Models (names as in diffusers' train_controlnet.py)
     parser.add_argument(

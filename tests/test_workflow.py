@@ -244,13 +244,17 @@ def test_in_process_stages_give_the_same_results_and_markers_as_accelerate_launc
 def test_in_process_stage_failure_raises_with_the_log_and_leaves_logging_as_it_was(tmp_path):
     import logging
 
-    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path), "launch": {"in_process": True},
-                                                      "segmenter": {"args": {"max_train_steps": -3}}})
+    # A file the stage reads is wrong (a flag the pre-flight could check would stop the workflow before the stage).
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"classes": ["background"]}')
+    config = load_config(None, smoke=True, overrides={"output_dir": str(tmp_path / "out"), "launch": {"in_process": True},
+                                                      "segmenter": {"args": {"classes_json": str(classes)}}})
     handlers = logging.getLogger().handlers[:]
-    with pytest.raises(RuntimeError, match=r"Stage 'segmenter' failed \(ValueError: `--max_train_steps` must be positive[\s\S]*Last lines"):
+    with pytest.raises(RuntimeError, match=r"Stage 'segmenter' failed \(ValueError: Expected 7 class names \(`--num_classes`\), "
+                                           r"got 1 from `--classes_json` [\s\S]*Last lines"):
         run_workflow(config, only=["data", "segmenter"], echo=lambda line: None)
     assert logging.getLogger().handlers == handlers
-    assert not (tmp_path / "segmenters" / "source_only" / MARKER).exists()
+    assert not (tmp_path / "out" / "segmenters" / "source_only" / MARKER).exists()
 
 
 def test_single_process_environment_resolves_accelerate_defaults_without_the_launch_warning(caplog):

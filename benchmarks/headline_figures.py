@@ -165,7 +165,9 @@ def synthetic_count_summary(results: dict) -> tuple[dict | None, str | None]:
     r"""
     The synthetic-count sweep's target/val mIoU (%): `({"recipe", "num_source_train", "points": [{"row",
     "multiple", "samples", "mean", "sd", "n", "values"} ...] sorted by multiple, "references": {row: {...}}}, None)`,
-    or `(None, reason)` when results.json has no finished sweep row.
+    or `(None, reason)` when results.json has no finished sweep row. The recipe's own row, which reads every generated
+    sample, is one more point at that count (a reference line when a sweep row has the same count); source_only and
+    photometric are references.
     """
     sweep = results.get("synthetic_counts")
     if not sweep:
@@ -179,11 +181,17 @@ def synthetic_count_summary(results: dict) -> tuple[dict | None, str | None]:
     if not points:
         return None, f"none of the sweep rows {sorted(sweep['rows'])} has finished evaluations in results.json"
     references = {}
-    for row in ("source_only", sweep["recipe"]):
+    for row in ("source_only", "photometric", sweep["recipe"]):
         if row in table:
             references[row] = _mean_sd([100 * run["target"]["mIoU"] for run in table[row].values()])
+    full = sweep.get("generated_samples_per_seed")
     if sweep["recipe"] in references:
-        references[sweep["recipe"]]["samples"] = sweep.get("generated_samples_per_seed")
+        # The recipe on every generated sample is the curve's point at that count, unless a sweep row has it.
+        if full and full not in {point["samples"] for point in points}:
+            points.append({"row": sweep["recipe"], "multiple": full / sweep["num_source_train"], "samples": full,
+                           **references.pop(sweep["recipe"])})
+        else:
+            references[sweep["recipe"]]["samples"] = full
     return {"recipe": sweep["recipe"], "num_source_train": sweep["num_source_train"],
             "metric": "target/val mIoU (%)", "spread": "sample standard deviation over the seeds",
             "points": sorted(points, key=lambda point: point["multiple"]), "references": references}, None
@@ -240,7 +248,8 @@ def plot_per_class_iou(summary: dict, path: str | Path, size: tuple[float, float
 def plot_synthetic_count(summary: dict, path: str | Path, size: tuple[float, float] = (7, 4.5), dpi: int = 100) -> Path:
     r"""
     Target mIoU against the number of synthetic samples ([`synthetic_count_summary`]): mean with one sample
-    standard deviation, each seed as a dot, and source_only / the full-data row as horizontal references. The PNG is
+    standard deviation, each seed as a dot, and source_only, photometric (the baseline to beat) and, when a sweep row
+    has its sample count, the full-data row as horizontal references. The PNG is
     `size` inches x `dpi` (700 x 450 pixels by default).
     """
     plt = _pyplot()
@@ -252,11 +261,11 @@ def plot_synthetic_count(summary: dict, path: str | Path, size: tuple[float, flo
     for point in points:
         axes.scatter([point["samples"]] * len(point["values"]), point["values"], s=12, color="grey", alpha=0.6,
                      zorder=3)
-    styles = {"source_only": "--", summary["recipe"]: ":"}
+    styles = {"source_only": ("--", "black"), "photometric": ("-.", "tab:red"), summary["recipe"]: (":", "tab:green")}
     for row, reference in summary["references"].items():
         label = f"{row} (all {reference['samples']} generated)" if reference.get("samples") else row
-        axes.axhline(reference["mean"], linestyle=styles[row], color="black" if row == "source_only" else "tab:green",
-                     label=label)
+        linestyle, color = styles[row]
+        axes.axhline(reference["mean"], linestyle=linestyle, color=color, label=label)
     if len(samples) > 1 and max(samples) / min(samples) >= 4:
         axes.set_xscale("log", base=2)
     axes.set_xticks(samples, [f"{point['samples']}\n({point['multiple']:g}x)" for point in points])

@@ -84,11 +84,21 @@ def test_plots_write_pngs_of_the_expected_size_and_their_numbers(tmp_path, capsy
                                                                        "synthetic_photometric"]
 
     sweep = json.loads((figures / "synthetic_count.json").read_text())
-    assert [(p["multiple"], p["samples"], p["n"]) for p in sweep["points"]] == [(0.5, 5, 2), (1.0, 10, 1)]  # 2x: none
+    # The 2x sweep row did not run; the recipe's own row reads all 20 generated samples: the point at 2x.
+    assert [(p["row"], p["multiple"], p["samples"], p["n"]) for p in sweep["points"]] == [
+        ("synthetic_photometric (0.5x)", 0.5, 5, 2), ("synthetic_photometric (1x)", 1.0, 10, 1),
+        ("synthetic_photometric", 2.0, 20, 2)]
     assert sweep["points"][0]["mean"] == pytest.approx(52.0) and sweep["points"][0]["sd"] == pytest.approx(
         statistics.stdev([50.0, 54.0]))
-    assert sweep["references"]["synthetic_photometric"]["mean"] == pytest.approx(42.0)
-    assert sweep["references"]["synthetic_photometric"]["samples"] == 20
+    assert sweep["points"][2]["mean"] == pytest.approx(42.0)
+    assert sorted(sweep["references"]) == ["photometric", "source_only"]
+    assert sweep["references"]["photometric"]["mean"] == pytest.approx(36.0)
+    with_2x = constructed_results()
+    with_2x["table"]["synthetic_photometric (2x)"] = {0: run(0.41, [0.7, 0.4, 0.2])}  # the same count as the full row
+    summary = headline_figures.synthetic_count_summary(with_2x)[0]
+    assert [p["row"] for p in summary["points"]][-1] == "synthetic_photometric (2x)"
+    assert summary["references"]["synthetic_photometric"]["mean"] == pytest.approx(42.0)
+    assert summary["references"]["synthetic_photometric"]["samples"] == 20
     markdown = (figures / "figures.md").read_text()
     assert "| 0.5x | 5 | 2 | 52.0 ± 2.8 | 50.0, 54.0 |" in markdown
     assert "| car | 10.0 | 15.0 | 20.0 |" in markdown  # one seed each: no spread claimed

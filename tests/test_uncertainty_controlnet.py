@@ -356,6 +356,22 @@ def test_embeddings_made_once_give_exactly_the_residuals_of_the_conditions(contr
     _assert_residuals_equal(got, expected)
 
 
+def test_first_rows_of_embeddings_equal_the_embeddings_of_the_first_rows(controlnet):
+    inputs = _inputs(batch_size=1)
+    raw = [torch.cat([cond, torch.rand_like(cond)]) for cond in inputs["controlnet_cond"]]  # two different rows
+    with torch.no_grad():
+        first = controlnet.embed_conditions(raw, [0.8, 1.3]).first_rows(1)
+        expected = controlnet.embed_conditions([cond[:1] for cond in raw], [0.8, 1.3])
+    # The first sample's embeddings (to rounding: a convolution over a batch of another size is not bitwise equal).
+    assert first.scales == expected.scales
+    for got, want in zip(first.embeddings, expected.embeddings):
+        assert got.shape[0] == 1
+        torch.testing.assert_close(got, want)
+    assert (first.summed is None) == (expected.summed is None)
+    if expected.summed is not None:
+        torch.testing.assert_close(first.summed, expected.summed)
+
+
 def test_separate_branches_skip_their_own_embedding_when_given_embeddings():
     model = build_tiny_components(num_classes=4)["controlnet"].eval()
     inputs = _inputs()

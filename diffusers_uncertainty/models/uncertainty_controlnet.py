@@ -98,6 +98,14 @@ class ConditionEmbeddings:
     scales: tuple
     summed: torch.Tensor | None = None
 
+    def first_rows(self, count: int) -> "ConditionEmbeddings":
+        """The embeddings of the first `count` batch rows (e.g. a guidance batch without its last branch)."""
+        return ConditionEmbeddings(
+            tuple(None if embedding is None else embedding[:count] for embedding in self.embeddings),
+            self.scales,
+            None if self.summed is None else self.summed[:count],
+        )
+
 
 class UncertaintyControlNetModel(MultiControlNetModel, AttentionMixin, ConfigMixin):
     r"""

@@ -21,7 +21,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..conditioning import prepare_semantic_map, prepare_uncertainty_map
 from ..models.style_encoder import StyleEncoderModel, combine_text_and_style, prepare_style_images
-from ..models.uncertainty_controlnet import ConditionEmbeddings, UncertaintyControlNetModel
+from ..models.uncertainty_controlnet import UncertaintyControlNetModel
 
 
 logger = logging.get_logger(__name__)
@@ -779,11 +779,7 @@ class StableDiffusionDualControlPipeline(StableDiffusionControlNetPipeline):
             # At steps outside the uncertainty window both maps give the same prediction (the guidance term is 0):
             # the zero-map branch, the last rows of every batched input, is then left out.
             unguided_rows = (num_branches - 1) * total
-            unguided_cond = ConditionEmbeddings(
-                tuple(None if e is None else e[:unguided_rows] for e in controlnet_cond.embeddings),
-                controlnet_cond.scales,
-                None if controlnet_cond.summed is None else controlnet_cond.summed[:unguided_rows],
-            )
+            unguided_cond = controlnet_cond.first_rows(unguided_rows)
             unguided_added_cond_kwargs = None
             if added_cond_kwargs is not None:
                 unguided_added_cond_kwargs = {
